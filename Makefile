@@ -1,0 +1,28 @@
+# The two commands of the README: `make run` and `make test`.
+SHELL := /bin/bash
+UV ?= $(shell command -v uv 2>/dev/null || echo "python3 -m uv")
+TEST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/jobs
+TEST_REDIS_URL ?= redis://127.0.0.1:6379/0
+
+.PHONY: uv install run test lint format bench
+
+uv:
+	@command -v uv >/dev/null 2>&1 || python3 -m uv --version >/dev/null 2>&1 || python3 -m pip install --quiet uv
+
+install: uv
+	@$(UV) sync --locked
+
+run: install
+	@$(UV) run python scripts/run.py
+
+test: install
+	@DATABASE_URL="$${DATABASE_URL:-$(TEST_DATABASE_URL)}" REDIS_URL="$${REDIS_URL:-$(TEST_REDIS_URL)}" \
+		$(UV) run python scripts/check_services.py && \
+	DATABASE_URL="$${DATABASE_URL:-$(TEST_DATABASE_URL)}" REDIS_URL="$${REDIS_URL:-$(TEST_REDIS_URL)}" \
+		$(UV) run pytest $(PYTEST_ARGS)
+
+lint:
+	@$(UV) run ruff check . && $(UV) run ruff format --check .
+
+format:
+	@$(UV) run ruff check --fix . && $(UV) run ruff format .

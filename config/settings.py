@@ -1,0 +1,186 @@
+"""Django settings, parsed once from the environment (12-factor). See README for the table."""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import dj_database_url
+from django.core.exceptions import ImproperlyConfigured
+
+from config.env import env_bool, env_int, env_list, env_str, parse_email_url
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+VAR_DIR = BASE_DIR / "var"
+
+TESTING = "pytest" in sys.modules or env_bool("JOBS_TESTING", False)
+DEBUG = env_bool("DEBUG", False)
+
+SECRET_KEY = env_str("SECRET_KEY")
+if not SECRET_KEY:
+    if DEBUG or TESTING:
+        SECRET_KEY = "insecure-development-only-key-not-for-production-use-0123456789"
+    else:
+        raise ImproperlyConfigured("SECRET_KEY must be set when DEBUG is off")
+
+ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", "localhost,127.0.0.1,[::1]")
+if DEBUG or TESTING:
+    ALLOWED_HOSTS = [*ALLOWED_HOSTS, "testserver"]
+
+INSTALLED_APPS = [
+    "daphne",
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "channels",
+    "ninja",
+    "jobs",
+    "realtime",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "config.urls"
+APPEND_SLASH = False
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+WSGI_APPLICATION = "config.wsgi.application"
+ASGI_APPLICATION = "config.asgi.application"
+
+# --- Database -----------------------------------------------------------------------------------
+DATABASE_URL = env_str("DATABASE_URL")
+if DATABASE_URL:
+    DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=60)}
+else:
+    VAR_DIR.mkdir(exist_ok=True)
+    DATABASES = {
+        "default": {
+            "ENGINE": "django.db.backends.sqlite3",
+            "NAME": VAR_DIR / "jobs.sqlite3",
+            # WAL lets the API read while the worker writes; the busy timeout absorbs short locks.
+            "OPTIONS": {
+                "timeout": 20,
+                "transaction_mode": "IMMEDIATE",
+                "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+            },
+        }
+    }
+DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
+
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+# --- Redis, channel layer -----------------------------------------------------------------------
+REDIS_URL = env_str("REDIS_URL", "redis://127.0.0.1:6379/0")
+JOBS_REDIS_PREFIX = env_str("JOBS_REDIS_PREFIX", "jobs")
+if not re.fullmatch(r"[A-Za-z0-9_\-.]{1,40}", JOBS_REDIS_PREFIX):
+    raise ImproperlyConfigured("JOBS_REDIS_PREFIX must be 1-40 characters of [A-Za-z0-9_-.]")
+
+CHANNEL_LAYERS = {
+    "default": {
+        "BACKEND": "channels_redis.core.RedisChannelLayer",
+        "CONFIG": {
+            "hosts": [REDIS_URL],
+            "prefix": f"{JOBS_REDIS_PREFIX}:asgi",
+            # Sized for bursts: a subscriber may fall this many updates behind before drops.
+            "capacity": 5000,
+            "expiry": 60,
+            "group_expiry": 86400,
+        },
+    }
+}
+
+# --- Email --------------------------------------------------------------------------------------
+EMAIL_URL = env_str("EMAIL_URL", "console://")
+for _name, _value in parse_email_url(EMAIL_URL).items():
+    globals()[_name] = _value
+DEFAULT_FROM_EMAIL = env_str("DEFAULT_FROM_EMAIL", "jobs@localhost")
+
+# --- Security -----------------------------------------------------------------------------------
+HTTPS = env_bool("HTTPS", False)
+if HTTPS:
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+    SECURE_SSL_REDIRECT = True
+    SECURE_REDIRECT_EXEMPT = [r"^health$", r"^ready$"]
+    SESSION_COOKIE_SECURE = True
+    CSRF_COOKIE_SECURE = True
+    SECURE_HSTS_SECONDS = env_int("SECURE_HSTS_SECONDS", 31536000, minimum=0)
+    SECURE_HSTS_INCLUDE_SUBDOMAINS = True
+    SECURE_HSTS_PRELOAD = True
+CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS")
+SECURE_CONTENT_TYPE_NOSNIFF = True
+X_FRAME_OPTIONS = "DENY"
+DATA_UPLOAD_MAX_MEMORY_SIZE = env_int("JOBS_MAX_BODY_BYTES", 4 * 1024 * 1024, minimum=1024)
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = VAR_DIR / "static"
+
+# --- Job queue ----------------------------------------------------------------------------------
+JOBS = {
+    "REDIS_PREFIX": JOBS_REDIS_PREFIX,
+    "WEBHOOK_ALLOWED_HOSTS": env_list("JOBS_WEBHOOK_ALLOWED_HOSTS"),
+    "RETRY_BASE_MS": env_int("JOBS_RETRY_BASE_MS", 1000, minimum=0),
+    "RETRY_MAX_MS": env_int("JOBS_RETRY_MAX_MS", 300000, minimum=0),
+    "LEASE_S": env_int("JOBS_LEASE_S", 30, minimum=1),
+    "RECONCILE_INTERVAL_S": env_int("JOBS_RECONCILE_INTERVAL_S", 30, minimum=1),
+    "MAX_PAYLOAD_BYTES": env_int("JOBS_MAX_PAYLOAD_BYTES", 262144, minimum=64),
+    "SLEEP_MAX_MS": env_int("JOBS_SLEEP_MAX_MS", 600000, minimum=0),
+    "TENANT_RATE_LIMIT": env_int("JOBS_TENANT_RATE_LIMIT", 0, minimum=0),
+    "MAX_ATTEMPTS_LIMIT": 25,
+    "BATCH_MAX_JOBS": 1000,
+    "SINCE_REPLAY_LIMIT": 1000,
+}
+
+LOG_LEVEL = env_str("LOG_LEVEL", "INFO").upper()
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {
+        "plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
+    },
+    "handlers": {
+        "console": {"class": "logging.StreamHandler", "formatter": "plain"},
+    },
+    "root": {"handlers": ["console"], "level": LOG_LEVEL},
+    "loggers": {
+        "django.server": {"level": "WARNING"},
+        "daphne": {"level": "WARNING"},
+    },
+}

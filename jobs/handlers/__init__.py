@@ -1,0 +1,31 @@
+"""Job handlers, one module per type, registered by type with their payload schema.
+
+A handler is a plain function `handler(payload, ctx) -> result` (sync or async). Sync handlers run
+in a thread so they never block the worker's event loop. Adding a type means adding a module here
+and importing it below; the worker loop knows nothing about any particular type.
+"""
+
+from __future__ import annotations
+
+from jobs.handlers.registry import (
+    HandlerSpec,
+    JobContext,
+    PermanentError,
+    get_handler,
+    register,
+    registered_types,
+    validate_payload,
+)
+
+# Importing the modules registers their handlers.
+from jobs.handlers import data_processing, email, sleep, webhook  # noqa: E402, F401, I001
+
+__all__ = [
+    "HandlerSpec",
+    "JobContext",
+    "PermanentError",
+    "get_handler",
+    "register",
+    "registered_types",
+    "validate_payload",
+]

@@ -1,0 +1,86 @@
+"""The registry of job types: payload schema, handler function and default timeout."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+
+class PermanentError(Exception):
+    """Raised by a handler for a failure that retrying cannot fix (the job fails at once)."""
+
+
+@dataclass(frozen=True, slots=True)
+class JobContext:
+    """What a handler may know about the job it runs, besides its payload."""
+
+    job_id: str
+    tenant: str
+    type: str
+    attempt: int
+    max_attempts: int
+    cancel_event: asyncio.Event | None = field(default=None, compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class HandlerSpec:
+    type: str
+    schema: type[BaseModel]
+    func: Callable[[Any, JobContext], Any]
+    timeout_s: float
+    is_async: bool
+
+
+_REGISTRY: dict[str, HandlerSpec] = {}
+
+
+def register(
+    job_type: str, *, schema: type[BaseModel], timeout_s: float
+) -> Callable[[Callable[[Any, JobContext], Any]], Callable[[Any, JobContext], Any]]:
+    """Decorator: `@register("email", schema=EmailPayload, timeout_s=60)`."""
+
+    def decorator(func: Callable[[Any, JobContext], Any]) -> Callable[[Any, JobContext], Any]:
+        if job_type in _REGISTRY:
+            raise ValueError(f"job type {job_type!r} is already registered")
+        _REGISTRY[job_type] = HandlerSpec(
+            type=job_type,
+            schema=schema,
+            func=func,
+            timeout_s=timeout_s,
+            is_async=asyncio.iscoroutinefunction(func),
+        )
+        return func
+
+    return decorator
+
+
+def get_handler(job_type: str) -> HandlerSpec | None:
+    return _REGISTRY.get(job_type)
+
+
+def registered_types() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def validate_payload(job_type: str, payload: Any) -> BaseModel:
+    """Parse a payload with its type's schema; raises KeyError or pydantic.ValidationError."""
+    spec = _REGISTRY.get(job_type)
+    if spec is None:
+        raise KeyError(job_type)
+    return spec.schema.model_validate(payload)
+
+
+__all__ = [
+    "HandlerSpec",
+    "JobContext",
+    "PermanentError",
+    "ValidationError",
+    "get_handler",
+    "register",
+    "registered_types",
+    "validate_payload",
+]

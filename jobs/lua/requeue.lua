@@ -1,0 +1,28 @@
+-- ARGV: prefix, worker, 'all' | 'some', job ids (with 'some').
+-- Puts a worker's claimed ids back in the ready sets: on graceful stop (jobs it never started)
+-- and when another worker recovers a dead one ('all', which also forgets the worker).
+local worker, mode = ARGV[2], ARGV[3]
+local processing_key = prefix .. ':processing:' .. worker
+local ids = {}
+if mode == 'all' then
+  ids = redis.call('HKEYS', processing_key)
+else
+  for i = 4, #ARGV do ids[#ids + 1] = ARGV[i] end
+end
+local requeued = 0
+for _, id in ipairs(ids) do
+  local entry = redis.call('HGET', processing_key, id)
+  if entry then
+    local tenant, score = string.match(entry, '^([^|]+)|(.+)$')
+    redis.call('HDEL', processing_key, id)
+    release_slot(tenant)
+    make_ready(tenant, id, score)
+    requeued = requeued + 1
+  end
+end
+if mode == 'all' then
+  redis.call('DEL', processing_key)
+  redis.call('ZREM', prefix .. ':workers', worker)
+end
+wake(requeued, 256)
+return requeued

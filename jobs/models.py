@@ -1,0 +1,126 @@
+"""Tenants, their API keys and their jobs. PostgreSQL is the source of truth."""
+
+from __future__ import annotations
+
+import uuid
+
+from django.core.validators import MaxValueValidator, MinValueValidator, RegexValidator
+from django.db import models
+from django.db.models import Q
+
+TENANT_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,63}$"
+PRIORITY_MIN = -10
+PRIORITY_MAX = 10
+
+
+class Tenant(models.Model):
+    """A customer. Its `id` is the stable slug used on the wire (`tenantId`) and in Redis keys."""
+
+    id = models.CharField(
+        primary_key=True,
+        max_length=64,
+        validators=[RegexValidator(TENANT_ID_PATTERN, "letters, digits, '-' and '_' (max 64)")],
+    )
+    name = models.CharField(max_length=200, blank=True)
+    is_active = models.BooleanField(default=True)
+    max_concurrency = models.PositiveIntegerField(
+        null=True, blank=True, help_text="Jobs of this tenant running at once; empty is unlimited."
+    )
+    rate_limit = models.PositiveIntegerField(
+        null=True,
+        blank=True,
+        help_text="Job creations per second; empty uses JOBS_TENANT_RATE_LIMIT, 0 is unlimited.",
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["id"]
+
+    def __str__(self) -> str:
+        return self.id
+
+
+class ApiKey(models.Model):
+    """An API key of a tenant. Only a SHA-256 hash and a short lookup prefix are stored."""
+
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="api_keys")
+    name = models.CharField(max_length=200, blank=True)
+    prefix = models.CharField(max_length=16, unique=True)
+    key_hash = models.CharField(max_length=64)
+    created_at = models.DateTimeField(auto_now_add=True)
+    last_used_at = models.DateTimeField(null=True, blank=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        verbose_name = "API key"
+
+    def __str__(self) -> str:
+        return f"{self.prefix}… ({self.tenant_id})"
+
+    @property
+    def is_revoked(self) -> bool:
+        return self.revoked_at is not None
+
+
+class JobStatus(models.TextChoices):
+    PENDING = "PENDING"
+    RUNNING = "RUNNING"
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+
+
+TERMINAL_STATUSES = frozenset({JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED})
+
+
+class Job(models.Model):
+    """One unit of work of one tenant, with its whole lifecycle and the worker's bookkeeping."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="jobs")
+    type = models.CharField(max_length=64)
+    payload = models.JSONField(default=dict)
+    status = models.CharField(max_length=16, choices=JobStatus.choices, default=JobStatus.PENDING)
+    priority = models.SmallIntegerField(
+        default=0, validators=[MinValueValidator(PRIORITY_MIN), MaxValueValidator(PRIORITY_MAX)]
+    )
+    attempts = models.PositiveIntegerField(default=0)
+    max_attempts = models.PositiveIntegerField(default=3)
+    timeout_ms = models.PositiveIntegerField(null=True, blank=True)
+    error = models.TextField(null=True, blank=True)
+    result = models.JSONField(null=True, blank=True)
+    run_at = models.DateTimeField()
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField()
+    updated_at = models.DateTimeField()
+    idempotency_key = models.CharField(max_length=255, null=True, blank=True)
+    request_hash = models.CharField(max_length=64, null=True, blank=True)
+    # Worker bookkeeping: who holds the job, the fencing token of its claim, and the lease expiry.
+    locked_by = models.CharField(max_length=200, null=True, blank=True)
+    lease_token = models.UUIDField(null=True, blank=True)
+    lease_expires_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        indexes = [
+            models.Index(fields=["tenant", "-created_at", "-id"], name="job_tenant_newest"),
+            models.Index(
+                fields=["tenant", "status", "-created_at", "-id"], name="job_tenant_status_newest"
+            ),
+            models.Index(fields=["status", "run_at"], name="job_status_run_at"),
+            models.Index(fields=["status", "lease_expires_at"], name="job_status_lease"),
+            models.Index(fields=["tenant", "updated_at"], name="job_tenant_updated"),
+            models.Index(fields=["status", "finished_at"], name="job_status_finished"),
+        ]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["tenant", "idempotency_key"],
+                condition=Q(idempotency_key__isnull=False),
+                name="job_unique_idempotency_key",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.type} {self.id} ({self.status})"

@@ -1,0 +1,293 @@
+"""Writes: tenants, API keys and the job state changes made on behalf of the API and the admin.
+
+Every state change commits first; the Redis push and the broadcast happen after commit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import secrets
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from jobs.errors import ApiError, Conflict, NotFound
+from jobs.models import ApiKey, Job, JobStatus, Tenant
+from jobs.queue import QueueEntry, ready_score, sync_queue
+from realtime.broadcast import broadcast
+
+logger = logging.getLogger(__name__)
+
+API_KEY_PREFIX_BYTES = 6  # 12 hex characters identify a key without revealing it
+IDEMPOTENCY_WINDOW = timedelta(hours=24)
+LAST_USED_RESOLUTION = timedelta(minutes=1)
+
+
+# --- tenants and API keys -----------------------------------------------------------------------
+def tenant_create(*, tenant_id: str, name: str = "") -> Tenant:
+    """Create a tenant (validated slug); raises ApiError 409 if it exists."""
+    tenant = Tenant(id=tenant_id, name=name or tenant_id)
+    tenant.full_clean()
+    try:
+        with transaction.atomic():
+            tenant.save(force_insert=True)
+    except IntegrityError as exc:
+        raise Conflict(f"tenant {tenant_id!r} already exists") from exc
+    return tenant
+
+
+def hash_api_key(raw_key: str) -> str:
+    # Keys carry 256 bits of entropy, so a fast hash is enough (no dictionary to attack).
+    return hashlib.sha256(raw_key.encode()).hexdigest()
+
+
+def api_key_create(*, tenant: Tenant, name: str = "") -> tuple[ApiKey, str]:
+    """Create a key for the tenant; returns the row and the full key, which is never stored."""
+    prefix = secrets.token_hex(API_KEY_PREFIX_BYTES)
+    raw_key = f"jq_{prefix}_{secrets.token_urlsafe(32)}"
+    key = ApiKey.objects.create(
+        tenant=tenant, name=name, prefix=prefix, key_hash=hash_api_key(raw_key)
+    )
+    return key, raw_key
+
+
+def api_key_revoke(*, prefix: str) -> ApiKey:
+    """Revoke a key by its prefix (with or without the `jq_` in front)."""
+    prefix = prefix.removeprefix("jq_").split("_", 1)[0]
+    key = ApiKey.objects.filter(prefix=prefix).first()
+    if key is None:
+        raise NotFound(f"no API key with prefix {prefix!r}")
+    if key.revoked_at is None:
+        key.revoked_at = timezone.now()
+        key.save(update_fields=["revoked_at"])
+    return key
+
+
+def api_key_authenticate(*, raw_key: str) -> Tenant | None:
+    """The active tenant a key belongs to, or None. Compares hashes in constant time."""
+    if not raw_key.startswith("jq_") or len(raw_key) > 200:
+        return None
+    prefix = raw_key[3:].split("_", 1)[0]
+    key = (
+        ApiKey.objects.select_related("tenant")
+        .filter(prefix=prefix, revoked_at__isnull=True, tenant__is_active=True)
+        .first()
+    )
+    if key is None or not hmac.compare_digest(key.key_hash, hash_api_key(raw_key)):
+        return None
+    now = timezone.now()
+    if key.last_used_at is None or now - key.last_used_at > LAST_USED_RESOLUTION:
+        # At most one write a minute per key, not one per request.
+        ApiKey.objects.filter(pk=key.pk).update(last_used_at=now)
+    return key.tenant
+
+
+# --- jobs ---------------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class JobSpec:
+    """A validated request to create one job."""
+
+    type: str
+    payload: dict[str, Any]
+    priority: int = 0
+    run_at: datetime | None = None
+    max_attempts: int = 3
+    timeout_ms: int | None = None
+
+    def request_hash(self) -> str:
+        body = {
+            "type": self.type,
+            "payload": self.payload,
+            "priority": self.priority,
+            "maxAttempts": self.max_attempts,
+            "timeoutMs": self.timeout_ms,
+        }
+        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def queue_entry(job: Job) -> QueueEntry:
+    return QueueEntry(
+        tenant=job.tenant_id,
+        job_id=str(job.id),
+        score=ready_score(priority=job.priority, created_at=job.created_at),
+        run_at_ms=int(job.run_at.timestamp() * 1000),
+    )
+
+
+def push_to_queue(jobs: Sequence[Job]) -> None:
+    """Index committed jobs in Redis. A failure is logged, not raised: the rows are durable and
+    the worker's reconciliation scan pushes them once Redis answers again."""
+    if not jobs:
+        return
+    try:
+        sync_queue().enqueue(queue_entry(job) for job in jobs)
+    except Exception:
+        logger.exception(
+            "push to Redis failed; reconciliation will requeue job_ids=%s",
+            ",".join(str(j.id) for j in jobs[:10]),
+        )
+
+
+def _after_commit(jobs: Sequence[Job], *, push: bool) -> None:
+    def run() -> None:
+        if push:
+            push_to_queue(jobs)
+        broadcast(jobs)
+
+    transaction.on_commit(run)
+
+
+def _new_job(*, tenant: Tenant, spec: JobSpec, now: datetime, idempotency_key: str | None) -> Job:
+    return Job(
+        id=uuid.uuid4(),
+        tenant=tenant,
+        type=spec.type,
+        payload=spec.payload,
+        priority=spec.priority,
+        max_attempts=spec.max_attempts,
+        timeout_ms=spec.timeout_ms,
+        run_at=spec.run_at or now,
+        created_at=now,
+        updated_at=now,
+        idempotency_key=idempotency_key,
+        request_hash=spec.request_hash() if idempotency_key else None,
+    )
+
+
+def job_enqueue(
+    *, tenant: Tenant, spec: JobSpec, idempotency_key: str | None = None
+) -> tuple[Job, bool]:
+    """Create a job; returns (job, created). A repeated idempotency key returns the original
+    job (created=False) if the request is the same, else raises 409."""
+    now = timezone.now()
+    job = _new_job(tenant=tenant, spec=spec, now=now, idempotency_key=idempotency_key)
+    if idempotency_key is None:
+        with transaction.atomic():
+            job.save(force_insert=True)
+            _after_commit([job], push=True)
+        return job, True
+
+    for _ in range(3):
+        existing = Job.objects.filter(tenant=tenant, idempotency_key=idempotency_key).first()
+        if existing is not None:
+            if now - existing.created_at <= IDEMPOTENCY_WINDOW:
+                if existing.request_hash != job.request_hash:
+                    raise Conflict("Idempotency-Key was already used with a different request")
+                return existing, False
+            # The key's window is over: free it for the new job.
+            Job.objects.filter(pk=existing.pk, idempotency_key=idempotency_key).update(
+                idempotency_key=None
+            )
+        try:
+            with transaction.atomic():
+                job.save(force_insert=True)
+                _after_commit([job], push=True)
+            return job, True
+        except IntegrityError:
+            # A concurrent request with the same key won the insert: read its job.
+            continue
+    raise ApiError(409, "Idempotency-Key is being used by a concurrent request")
+
+
+def job_enqueue_batch(*, tenant: Tenant, specs: Sequence[JobSpec]) -> list[Job]:
+    """Create many jobs in one transaction and push them in one Redis round trip."""
+    now = timezone.now()
+    # One microsecond apart, so the batch keeps its order in the queue and in listings.
+    jobs = [
+        _new_job(tenant=tenant, spec=spec, now=now + timedelta(microseconds=i), idempotency_key=None)
+        for i, spec in enumerate(specs)
+    ]
+    with transaction.atomic():
+        Job.objects.bulk_create(jobs, batch_size=500)
+        _after_commit(jobs, push=True)
+    return jobs
+
+
+def _locked_job(*, tenant: Tenant, job_id: uuid.UUID) -> Job:
+    job = Job.objects.select_for_update().filter(tenant=tenant, id=job_id).first()
+    if job is None:
+        raise NotFound()
+    return job
+
+
+def job_cancel(*, tenant: Tenant, job_id: uuid.UUID) -> Job:
+    """Cancel a PENDING job (it never runs) or a RUNNING one (its worker stops the handler)."""
+    with transaction.atomic():
+        job = _locked_job(tenant=tenant, job_id=job_id)
+        if job.status not in (JobStatus.PENDING, JobStatus.RUNNING):
+            raise Conflict(f"a {job.status} job cannot be cancelled", {"status": job.status})
+        was_running = job.status == JobStatus.RUNNING
+        now = timezone.now()
+        job.status = JobStatus.CANCELLED
+        job.finished_at = now
+        job.updated_at = now
+        job.error = "cancelled"
+        # Clearing the lease fences out the worker: its final write will match no row.
+        job.lease_token = None
+        job.lease_expires_at = None
+        job.save(
+            update_fields=[
+                "status",
+                "finished_at",
+                "updated_at",
+                "error",
+                "lease_token",
+                "lease_expires_at",
+            ]
+        )
+
+        def after() -> None:
+            try:
+                queue = sync_queue()
+                if was_running:
+                    queue.publish_cancel(str(job.id))
+                else:
+                    queue.remove([queue_entry(job)])
+            except Exception:
+                # A PENDING id left in Redis is harmless: the claim's compare-and-set skips it.
+                logger.exception("cancel signal to Redis failed job_id=%s", job.id)
+            broadcast([job])
+
+        transaction.on_commit(after)
+    return job
+
+
+def job_retry(*, tenant: Tenant, job_id: uuid.UUID) -> Job:
+    """Put a FAILED or CANCELLED job back to PENDING with its attempts reset."""
+    with transaction.atomic():
+        job = _locked_job(tenant=tenant, job_id=job_id)
+        if job.status not in (JobStatus.FAILED, JobStatus.CANCELLED):
+            raise Conflict(f"a {job.status} job cannot be retried", {"status": job.status})
+        now = timezone.now()
+        job.status = JobStatus.PENDING
+        job.attempts = 0
+        job.error = None
+        job.result = None
+        job.run_at = now
+        job.started_at = None
+        job.finished_at = None
+        job.updated_at = now
+        job.locked_by = None
+        job.save(
+            update_fields=[
+                "status",
+                "attempts",
+                "error",
+                "result",
+                "run_at",
+                "started_at",
+                "finished_at",
+                "updated_at",
+                "locked_by",
+            ]
+        )
+        _after_commit([job], push=True)
+    return job
