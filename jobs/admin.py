@@ -1,3 +1,299 @@
-from django.contrib import admin
+"""Django admin for operators: inspect jobs and act on them through the same services as the API.
 
-# Register your models here.
+Jobs are read-only here: every state change goes through `jobs.services`, so Redis, broadcasts
+and lease fencing behave exactly as for an API call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from django.contrib import admin, messages
+from django.contrib.admin.utils import quote
+from django.core.paginator import Paginator
+from django.db import connections
+from django.db.models import Q, QuerySet
+from django.forms import ModelForm
+from django.http import HttpRequest
+from django.urls import reverse
+from django.utils.functional import cached_property
+from django.utils.html import format_html
+from django.utils.safestring import SafeString
+
+from jobs.errors import ApiError
+from jobs.models import ApiKey, Job, Tenant
+from jobs.services import api_key_create, api_key_revoke, job_cancel, job_retry
+
+
+class EstimatedCountPaginator(Paginator):
+    """Uses PostgreSQL's row estimate instead of COUNT(*) for an unfiltered list of a big table;
+    filtered lists (which the indexes serve) are counted exactly."""
+
+    exact_below = 100_000
+
+    @cached_property
+    def count(self) -> int:
+        queryset = self.object_list
+        if isinstance(queryset, QuerySet) and not queryset.query.where:
+            connection = connections[queryset.db]
+            if connection.vendor == "postgresql":
+                with connection.cursor() as cursor:
+                    cursor.execute(
+                        "SELECT reltuples::bigint FROM pg_class WHERE oid = %s::regclass",
+                        [queryset.model._meta.db_table],
+                    )
+                    row = cursor.fetchone()
+                # reltuples is -1 (never analyzed) or small for young tables: count those.
+                if row is not None and row[0] >= self.exact_below:
+                    return int(row[0])
+        return super().count
+
+
+def _plural(count: int, word: str) -> str:
+    return f"{count} {word}{'' if count == 1 else 's'}"
+
+
+def pretty_json(value: Any) -> SafeString | None:
+    """A JSON value as indented, HTML-escaped text in a `<pre>`; None shows as empty."""
+    if value is None:
+        return None
+    text = json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False)
+    return format_html("<pre>{}</pre>", text)
+
+
+# --- jobs ---------------------------------------------------------------------------------------
+JOB_FIELDSETS = (
+    (None, {"fields": ("id", "tenant", "type", "status", "priority")}),
+    ("Attempts", {"fields": ("attempts", "max_attempts", "timeout_ms")}),
+    ("Data", {"fields": ("payload_pretty", "result_pretty", "error_pretty")}),
+    ("Times", {"fields": ("run_at", "started_at", "finished_at", "created_at", "updated_at")}),
+    (
+        "Worker and idempotency",
+        {
+            "classes": ("collapse",),
+            "fields": ("locked_by", "lease_token", "lease_expires_at", "idempotency_key"),
+        },
+    ),
+)
+
+
+@admin.register(Job)
+class JobAdmin(admin.ModelAdmin):
+    """Read-only job browser with bulk retry and cancel."""
+
+    list_display = (
+        "id",
+        "tenant_link",
+        "type",
+        "status",
+        "priority",
+        "attempts_display",
+        "created_at",
+        "updated_at",
+    )
+    list_filter = ("status", "type", "tenant")
+    # Only exact matches (see get_search_results): substring search on UUIDs cannot use an index.
+    search_fields = ("=id", "=tenant__id")
+    search_help_text = "Exact job id (UUID) or tenant id; several may be separated by spaces."
+    date_hierarchy = "created_at"
+    ordering = ("-created_at", "-id")
+    list_select_related = ("tenant",)
+    # A COUNT(*) of the whole table on every page load is what makes big changelists slow.
+    show_full_result_count = False
+    paginator = EstimatedCountPaginator
+    list_per_page = 50
+    fieldsets = JOB_FIELDSETS
+    readonly_fields = tuple(f for _, options in JOB_FIELDSETS for f in options["fields"])
+    actions = ("retry_selected", "cancel_selected")
+
+    # Jobs are created through the API and changed through services only.
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Job | None = None) -> bool:
+        # Without an object this gates the changelist's actions; with one, the change form is
+        # shown view-only and a POST to it is refused, so a stale form can never overwrite a row.
+        if obj is not None:
+            return False
+        return super().has_change_permission(request)
+
+    def get_search_results(
+        self, request: HttpRequest, queryset: QuerySet[Job], search_term: str
+    ) -> tuple[QuerySet[Job], bool]:
+        terms = search_term.split()
+        if not terms:
+            return queryset, False
+        condition = Q()
+        for term in terms:
+            condition |= Q(tenant_id=term)
+            # A term that is not a UUID can only be a tenant id.
+            with contextlib.suppress(ValueError):
+                condition |= Q(id=uuid.UUID(term))
+        return queryset.filter(condition), False
+
+    @admin.display(description="tenant", ordering="tenant")
+    def tenant_link(self, obj: Job) -> SafeString:
+        url = reverse("admin:jobs_tenant_change", args=[quote(obj.tenant_id)])
+        return format_html('<a href="{}">{}</a>', url, obj.tenant_id)
+
+    @admin.display(description="attempts")
+    def attempts_display(self, obj: Job) -> str:
+        return f"{obj.attempts}/{obj.max_attempts}"
+
+    @admin.display(description="payload")
+    def payload_pretty(self, obj: Job) -> SafeString | None:
+        return pretty_json(obj.payload)
+
+    @admin.display(description="result")
+    def result_pretty(self, obj: Job) -> SafeString | None:
+        return pretty_json(obj.result)
+
+    @admin.display(description="error")
+    def error_pretty(self, obj: Job) -> SafeString | None:
+        if obj.error is None:
+            return None
+        return format_html("<pre>{}</pre>", obj.error)
+
+    @admin.action(description="Retry selected jobs", permissions=["change"])
+    def retry_selected(self, request: HttpRequest, queryset: QuerySet[Job]) -> None:
+        """Put FAILED and CANCELLED jobs back to PENDING (attempts reset) with `job_retry`."""
+        done, skipped = self._apply(queryset, job_retry)
+        self._report(request, done, skipped, "retried", "not FAILED or CANCELLED")
+
+    @admin.action(description="Cancel selected jobs", permissions=["change"])
+    def cancel_selected(self, request: HttpRequest, queryset: QuerySet[Job]) -> None:
+        """Cancel PENDING and RUNNING jobs with `job_cancel`."""
+        done, skipped = self._apply(queryset, job_cancel)
+        self._report(request, done, skipped, "cancelled", "not PENDING or RUNNING")
+
+    @staticmethod
+    def _apply(queryset: QuerySet[Job], service: Callable[..., Job]) -> tuple[int, int]:
+        # One service call (and transaction) per job, so each gets its own Redis push, broadcast
+        # and state check; a job in the wrong state is skipped, not an error for the whole batch.
+        selected = list(queryset.order_by().values_list("id", "tenant_id"))
+        tenants = Tenant.objects.in_bulk({tenant_id for _, tenant_id in selected})
+        done = skipped = 0
+        for job_id, tenant_id in selected:
+            try:
+                service(tenant=tenants[tenant_id], job_id=job_id)
+            except ApiError:
+                skipped += 1
+            else:
+                done += 1
+        return done, skipped
+
+    def _report(
+        self, request: HttpRequest, done: int, skipped: int, verb: str, skip_reason: str
+    ) -> None:
+        text = f"{_plural(done, 'job')} {verb}"
+        if skipped:
+            text += f", {skipped} skipped ({skip_reason})"
+        self.message_user(request, text + ".", messages.SUCCESS if done else messages.WARNING)
+
+
+# --- tenants ------------------------------------------------------------------------------------
+class ApiKeyInline(admin.TabularInline):
+    """The tenant's API keys, read-only (keys are created and revoked from the API key admin)."""
+
+    model = ApiKey
+    fields = ("prefix", "name", "created_at", "last_used_at", "revoked_at")
+    readonly_fields = fields
+    extra = 0
+    can_delete = False
+    show_change_link = True
+    ordering = ("-created_at",)
+
+    def has_add_permission(self, request: HttpRequest, obj: Tenant | None = None) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Tenant | None = None) -> bool:
+        return False
+
+
+@admin.register(Tenant)
+class TenantAdmin(admin.ModelAdmin):
+    """Tenants with their limits and keys. Deactivate a tenant rather than delete it."""
+
+    list_display = ("id", "name", "is_active", "max_concurrency", "rate_limit", "created_at")
+    list_filter = ("is_active",)
+    search_fields = ("id", "name")
+    ordering = ("id",)
+    inlines = (ApiKeyInline,)
+
+    def get_readonly_fields(self, request: HttpRequest, obj: Tenant | None = None) -> Sequence[str]:
+        # The id is the tenant's identity on the wire and in Redis: set once, never renamed.
+        if obj is None:
+            return ("created_at",)
+        return ("id", "created_at")
+
+    def has_delete_permission(self, request: HttpRequest, obj: Tenant | None = None) -> bool:
+        # Deleting cascades to every job of the tenant in one statement; prune_jobs and
+        # is_active are the ways to retire a tenant's data without locking the jobs table.
+        return False
+
+
+# --- API keys -----------------------------------------------------------------------------------
+API_KEY_DETAIL_FIELDS = ("prefix", "tenant", "name", "created_at", "last_used_at", "revoked_at")
+
+
+@admin.register(ApiKey)
+class ApiKeyAdmin(admin.ModelAdmin):
+    """API keys: created with `api_key_create` (the full key is shown once), revoked in bulk."""
+
+    list_display = ("prefix", "tenant", "name", "created_at", "last_used_at", "revoked")
+    list_filter = (("revoked_at", admin.EmptyFieldListFilter), "tenant")
+    search_fields = ("=prefix", "=tenant__id", "name")
+    list_select_related = ("tenant",)
+    ordering = ("-created_at",)
+    actions = ("revoke_selected",)
+
+    def get_fields(self, request: HttpRequest, obj: ApiKey | None = None) -> Sequence[str]:
+        if obj is None:
+            return ("tenant", "name")
+        return API_KEY_DETAIL_FIELDS
+
+    def get_readonly_fields(self, request: HttpRequest, obj: ApiKey | None = None) -> Sequence[str]:
+        if obj is None:
+            return ()
+        return tuple(f for f in API_KEY_DETAIL_FIELDS if f != "name")
+
+    @admin.display(boolean=True, description="revoked", ordering="revoked_at")
+    def revoked(self, obj: ApiKey) -> bool:
+        return obj.is_revoked
+
+    def save_model(self, request: HttpRequest, obj: ApiKey, form: ModelForm, change: bool) -> None:
+        if change:
+            # Only the name is editable; saving just it keeps last_used_at and revoked_at intact.
+            obj.save(update_fields=["name"])
+            return
+        key, raw_key = api_key_create(tenant=obj.tenant, name=obj.name)
+        # The admin goes on with `obj` (log entry, redirect, message): make it the created row.
+        for field in ApiKey._meta.concrete_fields:
+            setattr(obj, field.attname, getattr(key, field.attname))
+        obj._state.adding = False
+        obj._state.db = key._state.db
+        messages.success(
+            request,
+            format_html(
+                "New API key for tenant {}: <code>{}</code> Copy it now, it will not be shown "
+                "again.",
+                key.tenant_id,
+                raw_key,
+            ),
+        )
+
+    @admin.action(description="Revoke selected keys", permissions=["change"])
+    def revoke_selected(self, request: HttpRequest, queryset: QuerySet[ApiKey]) -> None:
+        """Revoke the selected keys with `api_key_revoke`; already revoked ones are skipped."""
+        prefixes = list(queryset.filter(revoked_at__isnull=True).values_list("prefix", flat=True))
+        already = queryset.count() - len(prefixes)
+        for prefix in prefixes:
+            api_key_revoke(prefix=prefix)
+        text = f"{_plural(len(prefixes), 'key')} revoked"
+        if already:
+            text += f", {already} already revoked"
+        self.message_user(request, text + ".", messages.SUCCESS if prefixes else messages.WARNING)

@@ -35,7 +35,7 @@ LAST_USED_RESOLUTION = timedelta(minutes=1)
 def tenant_create(*, tenant_id: str, name: str = "") -> Tenant:
     """Create a tenant (validated slug); raises ApiError 409 if it exists."""
     tenant = Tenant(id=tenant_id, name=name or tenant_id)
-    tenant.full_clean()
+    tenant.full_clean(validate_unique=False)
     try:
         with transaction.atomic():
             tenant.save(force_insert=True)
@@ -202,7 +202,9 @@ def job_enqueue_batch(*, tenant: Tenant, specs: Sequence[JobSpec]) -> list[Job]:
     now = timezone.now()
     # One microsecond apart, so the batch keeps its order in the queue and in listings.
     jobs = [
-        _new_job(tenant=tenant, spec=spec, now=now + timedelta(microseconds=i), idempotency_key=None)
+        _new_job(
+            tenant=tenant, spec=spec, now=now + timedelta(microseconds=i), idempotency_key=None
+        )
         for i, spec in enumerate(specs)
     ]
     with transaction.atomic():

@@ -23,7 +23,8 @@ def main() -> int:
         except psycopg.Error as exc:
             problems.append(
                 f"PostgreSQL at {DATABASE_URL} does not answer ({exc}).\n"
-                "  Start it: pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start"
+                "  Start it: pg_ctlcluster --skip-systemctl-redirect "
+                "$(ls /etc/postgresql) main start"
             )
     try:
         redis.Redis.from_url(REDIS_URL, socket_connect_timeout=3).ping()

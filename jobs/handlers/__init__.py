@@ -7,6 +7,8 @@ and importing it below; the worker loop knows nothing about any particular type.
 
 from __future__ import annotations
 
+# Importing the modules registers their handlers.
+from jobs.handlers import data_processing, email, sleep, webhook
 from jobs.handlers.registry import (
     HandlerSpec,
     JobContext,
@@ -17,15 +19,16 @@ from jobs.handlers.registry import (
     validate_payload,
 )
 
-# Importing the modules registers their handlers.
-from jobs.handlers import data_processing, email, sleep, webhook  # noqa: E402, F401, I001
-
 __all__ = [
     "HandlerSpec",
     "JobContext",
     "PermanentError",
+    "data_processing",
+    "email",
     "get_handler",
     "register",
     "registered_types",
+    "sleep",
     "validate_payload",
+    "webhook",
 ]

@@ -1,0 +1,116 @@
+"""Wire schemas of the REST API: camelCase on the wire, snake_case in Python."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+from uuid import UUID
+
+from ninja import Schema
+from pydantic import AwareDatetime, ConfigDict, Field, StringConstraints, model_validator
+from pydantic.alias_generators import to_camel
+
+from jobs.models import PRIORITY_MAX, PRIORITY_MIN, TENANT_ID_PATTERN
+
+MAX_DELAY_MS = 365 * 24 * 3600 * 1000
+MAX_TIMEOUT_MS = 24 * 3600 * 1000
+MAX_ATTEMPTS = 25
+
+TenantId = Annotated[str, StringConstraints(pattern=TENANT_ID_PATTERN)]
+JobType = Annotated[str, StringConstraints(min_length=1, max_length=64)]
+StatusName = Literal["PENDING", "RUNNING", "COMPLETED", "FAILED", "CANCELLED"]
+
+
+class CamelSchema(Schema):
+    """Base of every wire schema: camelCase aliases, snake_case attributes."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True)
+
+
+class JobIn(CamelSchema):
+    """A job to create. Its payload is validated by the schema registered for its type."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tenant_id: TenantId | None = None
+    type: JobType
+    payload: dict[str, Any]
+    priority: int = Field(0, ge=PRIORITY_MIN, le=PRIORITY_MAX)
+    run_at: AwareDatetime | None = None
+    delay_ms: int | None = Field(None, ge=0, le=MAX_DELAY_MS)
+    max_attempts: int = Field(3, ge=1, le=MAX_ATTEMPTS)
+    timeout_ms: int | None = Field(None, ge=1, le=MAX_TIMEOUT_MS)
+
+    @model_validator(mode="after")
+    def _one_schedule(self) -> JobIn:
+        if self.run_at is not None and self.delay_ms is not None:
+            raise ValueError("give either runAt or delayMs, not both")
+        return self
+
+
+class JobBatchIn(CamelSchema):
+    model_config = ConfigDict(extra="forbid")
+
+    tenant_id: TenantId | None = None
+    jobs: list[JobIn] = Field(min_length=1, max_length=1000)
+
+
+class JobFilter(CamelSchema):
+    tenant_id: TenantId | None = None
+    status: StatusName | None = None
+    type: JobType | None = None
+    limit: int = Field(20, ge=1, le=100)
+    offset: int = Field(0, ge=0, le=10_000_000)
+
+
+class JobOut(CamelSchema):
+    id: UUID
+    tenant_id: str
+    type: str
+    payload: dict[str, Any]
+    status: StatusName
+    priority: int
+    attempts: int
+    max_attempts: int
+    timeout_ms: int | None
+    error: str | None
+    result: Any
+    run_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    created_at: datetime
+    updated_at: datetime
+
+
+class JobCreatedOut(JobOut):
+    job_id: UUID
+
+    @staticmethod
+    def resolve_job_id(obj: Any) -> UUID:
+        return obj.id
+
+
+class JobListOut(CamelSchema):
+    jobs: list[JobOut]
+    total: int
+    limit: int
+    offset: int
+
+
+class BatchCreatedOut(CamelSchema):
+    job_ids: list[UUID]
+
+
+class HealthOut(CamelSchema):
+    status: str
+    timestamp: datetime
+
+
+class ReadyOut(CamelSchema):
+    status: str
+    checks: dict[str, str]
+
+
+class ErrorOut(Schema):
+    error: str
+    details: Any = None

@@ -1,0 +1,250 @@
+"""The worker's view of PostgreSQL: claims and fenced state writes, run off the event loop.
+
+Every write of an attempt is fenced by the claim's lease token: a worker whose lease was taken
+over (presumed dead, job recovered, or job cancelled) matches no row and writes nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import threading
+import uuid
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from functools import partial
+from typing import Any, TypeVar
+
+from django.conf import settings
+from django.db import close_old_connections, connection, transaction
+from django.db.models import F
+from django.utils import timezone
+
+from jobs.models import Job, JobStatus
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# Time a claimed job may be early against this process's clock (Redis decides due times).
+CLOCK_TOLERANCE = timedelta(milliseconds=500)
+
+
+def retry_delay(*, attempt: int, base_ms: int, max_ms: int) -> timedelta:
+    """Exponential backoff with full jitter: uniform in [0, min(max, base * 2**(attempt-1))]."""
+    ceiling = min(max_ms, base_ms * (2 ** max(0, min(attempt - 1, 40))))
+    return timedelta(milliseconds=random.uniform(0, ceiling))
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """The result of one attempt, as the worker hands it to the store."""
+
+    result: Any = None
+    error: str | None = None
+    permanent: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def _run(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    close_old_connections()
+    try:
+        return fn(*args, **kwargs)
+    except Exception:
+        # A broken connection (database restarted, backend terminated) must not be reused.
+        connection.close()
+        raise
+
+
+class JobStore:
+    """Database operations of the worker, each in its own transaction, on a small thread pool."""
+
+    def __init__(self, *, threads: int = 4) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="jobs-db")
+
+    async def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, partial(_run, fn, *args, **kwargs))
+
+    def close(self) -> None:
+        """Close every pool thread's database connection, then the pool."""
+        threads = self._executor._max_workers
+        barrier = threading.Barrier(threads)
+
+        def close_connection() -> None:
+            connection.close()
+            # Holding each task until all have started puts exactly one in every thread.
+            with contextlib.suppress(threading.BrokenBarrierError):
+                barrier.wait(timeout=5)
+
+        for future in [self._executor.submit(close_connection) for _ in range(threads)]:
+            with contextlib.suppress(Exception):
+                future.result(timeout=10)
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+    # --- the calls the worker makes ---------------------------------------------------------
+    async def claim(self, *, job_ids: list[str], worker: str) -> list[Job]:
+        """Compare-and-set PENDING -> RUNNING for the due ones among `job_ids`."""
+        return await self.call(claim_jobs, job_ids=job_ids, worker=worker)
+
+    async def finish(self, *, job: Job, outcome: Outcome) -> Job | None:
+        """Write the attempt's outcome; None if the lease was lost (nothing written)."""
+        return await self.call(finish_job, job=job, outcome=outcome)
+
+    async def put_back(self, *, job: Job) -> Job | None:
+        """Return a job the worker did not finish (shutdown) to PENDING, attempt not counted."""
+        return await self.call(put_back_job, job=job)
+
+    async def heartbeat(self, *, worker: str) -> int:
+        return await self.call(renew_leases, worker=worker)
+
+    async def recover_expired(self, *, limit: int = 500) -> list[Job]:
+        return await self.call(recover_expired_leases, limit=limit)
+
+    async def pending(self, *, after: datetime | None, horizon: datetime, limit: int) -> list[Job]:
+        return await self.call(pending_jobs, after=after, horizon=horizon, limit=limit)
+
+    async def pending_among(self, *, job_ids: Iterable[str]) -> list[Job]:
+        return await self.call(pending_among, job_ids=list(job_ids))
+
+
+# --- the statements (sync, each its own transaction) ---------------------------------------------
+def _lease() -> timedelta:
+    return timedelta(seconds=settings.JOBS["LEASE_S"])
+
+
+def claim_jobs(*, job_ids: list[str], worker: str) -> list[Job]:
+    if not job_ids:
+        return []
+    token = uuid.uuid4()
+    now = timezone.now()
+    with transaction.atomic():
+        updated = Job.objects.filter(
+            id__in=job_ids, status=JobStatus.PENDING, run_at__lte=now + CLOCK_TOLERANCE
+        ).update(
+            status=JobStatus.RUNNING,
+            attempts=F("attempts") + 1,
+            locked_by=worker,
+            lease_token=token,
+            lease_expires_at=now + _lease(),
+            started_at=now,
+            updated_at=now,
+        )
+        if not updated:
+            return []
+        return list(Job.objects.filter(id__in=job_ids, lease_token=token))
+
+
+def _fenced(job: Job) -> Any:
+    return Job.objects.filter(id=job.id, lease_token=job.lease_token, status=JobStatus.RUNNING)
+
+
+def finish_job(*, job: Job, outcome: Outcome) -> Job | None:
+    now = timezone.now()
+    fields: dict[str, Any] = {
+        "updated_at": now,
+        "lease_token": None,
+        "lease_expires_at": None,
+    }
+    if outcome.ok:
+        fields.update(
+            status=JobStatus.COMPLETED, result=outcome.result, error=None, finished_at=now
+        )
+    elif outcome.permanent or job.attempts >= job.max_attempts:
+        fields.update(status=JobStatus.FAILED, error=outcome.error, finished_at=now)
+    else:
+        delay = retry_delay(
+            attempt=job.attempts,
+            base_ms=settings.JOBS["RETRY_BASE_MS"],
+            max_ms=settings.JOBS["RETRY_MAX_MS"],
+        )
+        fields.update(status=JobStatus.PENDING, error=outcome.error, run_at=now + delay)
+    with transaction.atomic():
+        if not _fenced(job).update(**fields):
+            return None
+    for name, value in fields.items():
+        setattr(job, name, value)
+    return job
+
+
+def put_back_job(*, job: Job) -> Job | None:
+    now = timezone.now()
+    fields = {
+        "status": JobStatus.PENDING,
+        "attempts": max(0, job.attempts - 1),
+        "run_at": now,
+        "updated_at": now,
+        "lease_token": None,
+        "lease_expires_at": None,
+        "locked_by": None,
+    }
+    with transaction.atomic():
+        if not _fenced(job).update(**fields):
+            return None
+    for name, value in fields.items():
+        setattr(job, name, value)
+    return job
+
+
+def renew_leases(*, worker: str) -> int:
+    now = timezone.now()
+    return Job.objects.filter(
+        locked_by=worker, status=JobStatus.RUNNING, lease_token__isnull=False
+    ).update(lease_expires_at=now + _lease())
+
+
+def recover_expired_leases(*, limit: int) -> list[Job]:
+    """Jobs whose worker stopped heartbeating: back to PENDING (attempt counted) or FAILED."""
+    now = timezone.now()
+    recovered = []
+    expired = list(
+        Job.objects.filter(status=JobStatus.RUNNING, lease_expires_at__lt=now).order_by(
+            "lease_expires_at"
+        )[:limit]
+    )
+    for job in expired:
+        lost = f"worker {job.locked_by} stopped heartbeating (lease expired)"
+        fields: dict[str, Any] = {
+            "updated_at": now,
+            "lease_token": None,
+            "lease_expires_at": None,
+            "locked_by": None,
+            "error": lost,
+        }
+        if job.attempts >= job.max_attempts:
+            fields.update(status=JobStatus.FAILED, finished_at=now)
+        else:
+            fields.update(status=JobStatus.PENDING, run_at=now)
+        with transaction.atomic():
+            if not _fenced(job).update(**fields):
+                continue  # it finished or was taken over meanwhile
+        for name, value in fields.items():
+            setattr(job, name, value)
+        recovered.append(job)
+    return recovered
+
+
+def pending_jobs(*, after: datetime | None, horizon: datetime, limit: int) -> list[Job]:
+    """PENDING jobs due before `horizon`, by creation time (keyset pagination on created_at)."""
+    qs = Job.objects.filter(status=JobStatus.PENDING, run_at__lte=horizon)
+    if after is not None:
+        qs = qs.filter(created_at__gt=after)
+    return list(
+        qs.order_by("created_at").only("id", "tenant_id", "priority", "created_at", "run_at")[
+            :limit
+        ]
+    )
+
+
+def pending_among(*, job_ids: list[str]) -> list[Job]:
+    return list(
+        Job.objects.filter(id__in=job_ids, status=JobStatus.PENDING).only(
+            "id", "tenant_id", "priority", "created_at", "run_at"
+        )
+    )

@@ -1,0 +1,77 @@
+"""Checks of a parsed request that need the job-type registry or settings."""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+from typing import Any
+
+from django.conf import settings
+from django.utils import timezone
+from pydantic import ValidationError
+
+from jobs.errors import ApiError
+from jobs.handlers import registered_types, validate_payload
+from jobs.models import Tenant
+from jobs.schemas import JobIn
+from jobs.services import JobSpec
+
+VALIDATION_FAILED = "Validation failed"
+
+
+def error_details(errors: list[dict[str, Any]], *, prefix: tuple[Any, ...] = ()) -> list[dict]:
+    """Pydantic/ninja errors as `[{field, message}]` with dotted camelCase field paths."""
+    details = []
+    for err in errors:
+        loc = [*prefix, *err.get("loc", ())]
+        details.append(
+            {"field": ".".join(str(part) for part in loc), "message": err.get("msg", "invalid")}
+        )
+    return details
+
+
+def check_tenant(tenant: Tenant, tenant_id: str | None) -> None:
+    """A tenantId in a request is optional, but must be the key's tenant."""
+    if tenant_id is not None and tenant_id != tenant.id:
+        raise ApiError(403, "tenantId does not match the API key's tenant")
+
+
+def job_spec(job: JobIn, *, loc: tuple[Any, ...] = ()) -> JobSpec:
+    """Validate the type and payload of one job and turn it into a service-level spec."""
+    if job.type not in registered_types():
+        raise ApiError(
+            400,
+            VALIDATION_FAILED,
+            [
+                {
+                    "field": ".".join(str(p) for p in (*loc, "type")),
+                    "message": f"unknown job type; one of {', '.join(registered_types())}",
+                }
+            ],
+        )
+    size = len(json.dumps(job.payload, separators=(",", ":")).encode())
+    if size > settings.JOBS["MAX_PAYLOAD_BYTES"]:
+        raise ApiError(
+            413,
+            "Payload too large",
+            {"maxBytes": settings.JOBS["MAX_PAYLOAD_BYTES"], "bytes": size, "at": list(loc)},
+        )
+    try:
+        validate_payload(job.type, job.payload)
+    except ValidationError as exc:
+        raise ApiError(
+            400,
+            VALIDATION_FAILED,
+            error_details(exc.errors(), prefix=(*loc, "payload")),
+        ) from exc
+    run_at = job.run_at
+    if job.delay_ms is not None:
+        run_at = timezone.now() + timedelta(milliseconds=job.delay_ms)
+    return JobSpec(
+        type=job.type,
+        payload=job.payload,
+        priority=job.priority,
+        run_at=run_at,
+        max_attempts=job.max_attempts,
+        timeout_ms=job.timeout_ms,
+    )

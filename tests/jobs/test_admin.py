@@ -1,0 +1,328 @@
+"""The operator's admin: job browsing, bulk retry/cancel through the services, API keys."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from django.contrib.messages import get_messages
+from django.db import connection
+from django.test import Client
+from django.test.utils import CaptureQueriesContext
+from django.utils import timezone
+
+from jobs.admin import EstimatedCountPaginator
+from jobs.models import ApiKey, Job, JobStatus, Tenant
+from jobs.services import JobSpec, api_key_authenticate, api_key_create, hash_api_key, job_enqueue
+
+pytestmark = pytest.mark.django_db
+
+RAW_KEY_PATTERN = re.compile(r"jq_[0-9a-f]{12}_[A-Za-z0-9_\-]{20,}")
+JOBS_URL = "/admin/jobs/job/"
+
+
+def make_job(tenant: Tenant, *, status: str = JobStatus.PENDING, **fields: Any) -> Job:
+    """A job row in any state, written directly (the admin must cope with every state)."""
+    now = timezone.now()
+    values: dict[str, Any] = {
+        "type": "email",
+        "payload": {"to": "ops@example.com", "subject": "hi", "body": "hello"},
+        "run_at": now,
+        "created_at": now,
+        "updated_at": now,
+        **fields,
+    }
+    if status in (JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED):
+        values.setdefault("finished_at", now)
+    return Job.objects.create(tenant=tenant, status=status, **values)
+
+
+def messages_of(response: Any) -> list[str]:
+    return [str(m) for m in get_messages(response.wsgi_request)]
+
+
+def action(client: Client, url: str, name: str, objects: list[Any]) -> Any:
+    return client.post(
+        url,
+        {"action": name, "_selected_action": [str(o.pk) for o in objects]},
+        follow=True,
+    )
+
+
+# --- jobs ---------------------------------------------------------------------------------------
+def test_job_changelist_shows_jobs_with_filters_and_tenant_link(
+    admin_client: Client, tenant: Tenant
+) -> None:
+    underscored = Tenant.objects.create(id="acme_corp", name="Acme")
+    job = make_job(tenant, status=JobStatus.FAILED, error="boom", attempts=3)
+    make_job(underscored, type="sleep", payload={"delayMs": 10})
+
+    response = admin_client.get(JOBS_URL)
+
+    assert response.status_code == 200
+    content = response.content.decode()
+    assert str(job.id) in content
+    assert "3/3" in content  # attempts/max_attempts
+    assert "?status__exact=FAILED" in content
+    assert "?type=sleep" in content or "type__exact=sleep" in content
+    assert "tenant__id__exact=acme_corp" in content
+    # The tenant column links to the tenant's page, even for ids the admin must escape.
+    assert '<a href="/admin/jobs/tenant/tenant-1/change/">tenant-1</a>' in content
+    assert admin_client.get("/admin/jobs/tenant/acme_5Fcorp/change/").status_code == 200
+
+    filtered = admin_client.get(JOBS_URL, {"status__exact": "FAILED"})
+    assert [j.id for j in filtered.context["cl"].result_list] == [job.id]
+
+
+def test_job_search_matches_an_exact_uuid_or_tenant_id(
+    admin_client: Client, tenant: Tenant, other_tenant: Tenant
+) -> None:
+    first = make_job(tenant)
+    second = make_job(tenant)
+    theirs = make_job(other_tenant)
+
+    by_id = admin_client.get(JOBS_URL, {"q": str(second.id)})
+    by_id_upper = admin_client.get(JOBS_URL, {"q": f"  {str(first.id).upper()} "})
+    by_tenant = admin_client.get(JOBS_URL, {"q": "tenant-2"})
+    by_two_ids = admin_client.get(JOBS_URL, {"q": f"{first.id} {theirs.id}"})
+    by_garbage = admin_client.get(JOBS_URL, {"q": "not-a-uuid-or-tenant"})
+
+    def ids(response: Any) -> set[uuid.UUID]:
+        assert response.status_code == 200
+        return {j.id for j in response.context["cl"].result_list}
+
+    assert ids(by_id) == {second.id}
+    assert ids(by_id_upper) == {first.id}
+    assert ids(by_tenant) == {theirs.id}
+    assert ids(by_two_ids) == {first.id, theirs.id}
+    assert ids(by_garbage) == set()
+
+
+def test_big_job_changelist_uses_the_row_estimate_instead_of_counting(
+    admin_client: Client, tenant: Tenant, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if connection.vendor != "postgresql":
+        pytest.skip("the row estimate comes from PostgreSQL's statistics")
+    for _ in range(3):
+        make_job(tenant, status=JobStatus.FAILED)
+    make_job(tenant, status=JobStatus.COMPLETED)
+    with connection.cursor() as cursor:
+        cursor.execute("ANALYZE jobs_job")
+    # Pretend 4 rows is big: the real threshold needs a table too large for a test.
+    monkeypatch.setattr(EstimatedCountPaginator, "exact_below", 1)
+
+    with CaptureQueriesContext(connection) as queries:
+        unfiltered = admin_client.get(JOBS_URL)
+    filtered = admin_client.get(JOBS_URL, {"status__exact": "FAILED"})
+
+    counts = [q["sql"] for q in queries.captured_queries if "COUNT(*)" in q["sql"]]
+    assert counts == []
+    assert unfiltered.context["cl"].result_count == 4
+    assert filtered.context["cl"].result_count == 3
+
+
+def test_job_change_page_is_read_only_with_pretty_escaped_json(
+    admin_client: Client, tenant: Tenant
+) -> None:
+    job = make_job(
+        tenant,
+        status=JobStatus.FAILED,
+        payload={"to": "a@example.com", "html": "<b>hi</b>", "nested": {"n": 1}},
+        result={"sent": 0},
+        error="Traceback <script>alert(1)</script>",
+    )
+    url = f"{JOBS_URL}{job.id}/change/"
+
+    response = admin_client.get(url)
+
+    assert response.status_code == 200
+    content = response.content.decode()
+    # Indented JSON in a <pre>, HTML escaped (keys sorted, so "html" comes first).
+    assert "<pre>{\n  &quot;html&quot;: &quot;&lt;b&gt;hi&lt;/b&gt;&quot;," in content
+    assert "\n  &quot;nested&quot;: {\n    &quot;n&quot;: 1\n  }," in content
+    assert "<pre>{\n  &quot;sent&quot;: 0\n}</pre>" in content
+    assert "<pre>Traceback &lt;script&gt;alert(1)&lt;/script&gt;</pre>" in content
+    assert "<script>alert(1)</script>" not in content
+    assert 'name="_save"' not in content
+
+    # Jobs change only through services: no add page, and a posted form is refused.
+    assert admin_client.post(url, {"status": "COMPLETED"}).status_code == 403
+    job.refresh_from_db()
+    assert job.status == JobStatus.FAILED
+    assert admin_client.get(f"{JOBS_URL}add/").status_code == 403
+
+
+@pytest.mark.django_db(transaction=True)
+def test_retry_action_requeues_failed_jobs_in_redis_and_skips_others(
+    admin_client: Client, tenant: Tenant, redis_client: Any, redis_prefix: str
+) -> None:
+    failed = make_job(tenant, status=JobStatus.FAILED, attempts=3, error="boom")
+    completed = make_job(tenant, status=JobStatus.COMPLETED, result={"sent": 1})
+    ready_key = f"{redis_prefix}:ready:{tenant.id}"
+    assert redis_client.zscore(ready_key, str(failed.id)) is None
+
+    response = action(admin_client, JOBS_URL, "retry_selected", [failed, completed])
+
+    assert response.status_code == 200
+    assert messages_of(response) == ["1 job retried, 1 skipped (not FAILED or CANCELLED)."]
+    failed.refresh_from_db()
+    assert failed.status == JobStatus.PENDING
+    assert failed.attempts == 0
+    assert failed.error is None
+    assert failed.finished_at is None
+    # Committed, then pushed after commit by the service: a worker can claim it again.
+    assert redis_client.zscore(ready_key, str(failed.id)) is not None
+    completed.refresh_from_db()
+    assert completed.status == JobStatus.COMPLETED
+    assert redis_client.zscore(ready_key, str(completed.id)) is None
+
+
+def test_cancel_action_cancels_pending_jobs_and_removes_them_from_redis(
+    admin_client: Client,
+    tenant: Tenant,
+    redis_client: Any,
+    redis_prefix: str,
+    django_capture_on_commit_callbacks: Any,
+) -> None:
+    with django_capture_on_commit_callbacks(execute=True):
+        pending, _ = job_enqueue(
+            tenant=tenant, spec=JobSpec(type="sleep", payload={"delayMs": 1000})
+        )
+    done = make_job(tenant, status=JobStatus.COMPLETED)
+    ready_key = f"{redis_prefix}:ready:{tenant.id}"
+    assert redis_client.zscore(ready_key, str(pending.id)) is not None
+
+    with django_capture_on_commit_callbacks(execute=True):
+        response = action(admin_client, JOBS_URL, "cancel_selected", [pending, done])
+
+    assert messages_of(response) == ["1 job cancelled, 1 skipped (not PENDING or RUNNING)."]
+    pending.refresh_from_db()
+    assert pending.status == JobStatus.CANCELLED
+    assert pending.finished_at is not None
+    assert redis_client.zscore(ready_key, str(pending.id)) is None
+    done.refresh_from_db()
+    assert done.status == JobStatus.COMPLETED
+
+
+def test_action_with_nothing_applicable_warns(admin_client: Client, tenant: Tenant) -> None:
+    done = make_job(tenant, status=JobStatus.COMPLETED)
+
+    response = action(admin_client, JOBS_URL, "cancel_selected", [done])
+
+    assert messages_of(response) == ["0 jobs cancelled, 1 skipped (not PENDING or RUNNING)."]
+    assert "warning" in response.content.decode()
+
+
+# --- tenants ------------------------------------------------------------------------------------
+def test_tenant_page_lists_its_api_keys_read_only(admin_client: Client, tenant: Tenant) -> None:
+    key, raw_key = api_key_create(tenant=tenant, name="deploy bot")
+
+    listing = admin_client.get("/admin/jobs/tenant/", {"q": "tenant-1"})
+    page = admin_client.get(f"/admin/jobs/tenant/{tenant.id}/change/")
+
+    assert listing.status_code == 200
+    assert [t.id for t in listing.context["cl"].result_list] == ["tenant-1"]
+    content = page.content.decode()
+    assert key.prefix in content
+    assert "deploy bot" in content
+    assert raw_key not in content
+    assert key.key_hash not in content
+    # The id is the tenant's identity in Redis and on the wire: it cannot be renamed here.
+    assert 'name="id"' not in content
+
+
+def test_tenant_can_be_added_in_the_admin(admin_client: Client, db: None) -> None:
+    response = admin_client.post(
+        "/admin/jobs/tenant/add/",
+        {
+            "id": "new-tenant",
+            "name": "New",
+            "is_active": "on",
+            "max_concurrency": "4",
+            "rate_limit": "",
+            "api_keys-TOTAL_FORMS": "0",
+            "api_keys-INITIAL_FORMS": "0",
+        },
+    )
+
+    assert response.status_code == 302
+    assert Tenant.objects.get(id="new-tenant").max_concurrency == 4
+
+
+# --- API keys -----------------------------------------------------------------------------------
+def test_adding_an_api_key_shows_the_full_key_once_and_stores_only_its_hash(
+    admin_client: Client, tenant: Tenant
+) -> None:
+    form = admin_client.get("/admin/jobs/apikey/add/").content.decode()
+    assert 'name="tenant"' in form
+    assert 'name="name"' in form
+    assert 'name="prefix"' not in form
+    assert 'name="key_hash"' not in form
+
+    response = admin_client.post(
+        "/admin/jobs/apikey/add/",
+        {"tenant": tenant.id, "name": "ci", "_continue": "1"},
+        follow=True,
+    )
+
+    assert response.status_code == 200
+    shown = [m for m in messages_of(response) if "Copy it now" in m]
+    assert len(shown) == 1
+    assert "it will not be shown again" in shown[0]
+    match = RAW_KEY_PATTERN.search(shown[0])
+    assert match is not None
+    raw_key = match.group(0)
+    key = ApiKey.objects.get()
+    assert key.tenant == tenant
+    assert key.name == "ci"
+    assert raw_key.startswith(f"jq_{key.prefix}_")
+    assert key.key_hash == hash_api_key(raw_key)
+    assert raw_key not in {key.prefix, key.key_hash, key.name}
+    assert api_key_authenticate(raw_key=raw_key) == tenant
+    # "Save and continue" went on to the created row's page: the admin's obj is that row.
+    assert response.redirect_chain[-1][0] == f"/admin/jobs/apikey/{key.pk}/change/"
+    # Shown once: neither the list nor the key's page shows it again.
+    assert raw_key not in admin_client.get("/admin/jobs/apikey/").content.decode()
+    detail = admin_client.get(f"/admin/jobs/apikey/{key.pk}/change/")
+    assert raw_key not in detail.content.decode()
+    assert key.key_hash not in detail.content.decode()
+
+
+def test_api_key_change_form_edits_only_the_name(admin_client: Client, tenant: Tenant) -> None:
+    key, raw_key = api_key_create(tenant=tenant, name="old")
+    url = f"/admin/jobs/apikey/{key.pk}/change/"
+    used_at = timezone.now() - timedelta(hours=1)
+    ApiKey.objects.filter(pk=key.pk).update(last_used_at=used_at)
+
+    page = admin_client.get(url).content.decode()
+    assert 'name="name"' in page
+    assert 'name="prefix"' not in page
+    assert 'name="revoked_at"' not in page
+
+    response = admin_client.post(url, {"name": "renamed", "prefix": "hijack", "revoked_at": ""})
+
+    assert response.status_code == 302
+    key.refresh_from_db()
+    assert key.name == "renamed"
+    assert raw_key.startswith(f"jq_{key.prefix}_")
+    assert key.last_used_at == used_at
+    assert api_key_authenticate(raw_key=raw_key) == tenant
+
+
+def test_revoke_action_revokes_keys(admin_client: Client, tenant: Tenant) -> None:
+    live, live_raw = api_key_create(tenant=tenant)
+    dead, dead_raw = api_key_create(tenant=tenant)
+    dead.revoked_at = timezone.now() - timedelta(days=1)
+    dead.save(update_fields=["revoked_at"])
+    assert api_key_authenticate(raw_key=live_raw) == tenant
+
+    response = action(admin_client, "/admin/jobs/apikey/", "revoke_selected", [live, dead])
+
+    assert messages_of(response) == ["1 key revoked, 1 already revoked."]
+    live.refresh_from_db()
+    assert live.revoked_at is not None
+    assert api_key_authenticate(raw_key=live_raw) is None
+    assert api_key_authenticate(raw_key=dead_raw) is None

@@ -1,0 +1,348 @@
+"""The REST API on the real database and Redis: contract, errors, tenancy, pagination."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from django.test import Client
+
+from jobs.models import Job, JobStatus, Tenant
+from jobs.services import api_key_create, api_key_revoke
+
+pytestmark = pytest.mark.django_db
+
+SLEEP = {"type": "sleep", "payload": {"delayMs": 10}}
+
+
+def post(client: Client, path: str, body: Any, key: str | None, **headers: str) -> Any:
+    extra = {f"HTTP_{k.upper().replace('-', '_')}": v for k, v in headers.items()}
+    if key:
+        extra["HTTP_AUTHORIZATION"] = f"Bearer {key}"
+    data = body if isinstance(body, str | bytes) else json.dumps(body)
+    return client.post(path, data=data, content_type="application/json", **extra)
+
+
+def get(client: Client, path: str, key: str | None, **params: Any) -> Any:
+    extra = {"HTTP_AUTHORIZATION": f"Bearer {key}"} if key else {}
+    return client.get(path, params, **extra)
+
+
+def assert_error(response: Any, status: int, message: str | None = None) -> dict:
+    assert response.status_code == status, response.content
+    assert response["Content-Type"].startswith("application/json")
+    body = response.json()
+    assert isinstance(body["error"], str)
+    if message is not None:
+        assert body["error"] == message
+    return body
+
+
+def test_health_needs_no_key(client: Client) -> None:
+    response = client.get("/health")
+    assert response.status_code == 200
+    body = response.json()
+    assert body["status"] == "ok"
+    assert datetime.fromisoformat(body["timestamp"]).tzinfo is not None
+
+
+def test_ready_reports_database_and_redis(client: Client) -> None:
+    response = client.get("/ready")
+    assert response.status_code == 200
+    assert response.json()["checks"] == {"database": "ok", "redis": "ok"}
+
+
+def test_create_job_returns_camel_case_job(client: Client, api_key: str) -> None:
+    response = post(client, "/jobs", {**SLEEP, "priority": 3, "maxAttempts": 5}, api_key)
+    assert response.status_code == 201, response.content
+    body = response.json()
+    assert body["jobId"] == body["id"]
+    assert body["tenantId"] == "tenant-1"
+    assert body["status"] == "PENDING"
+    assert body["priority"] == 3
+    assert body["maxAttempts"] == 5
+    assert body["attempts"] == 0
+    assert body["payload"] == {"delayMs": 10}
+    for field in ("runAt", "createdAt", "updatedAt"):
+        assert body[field].endswith("Z")
+    assert body["startedAt"] is None and body["finishedAt"] is None
+    job = Job.objects.get(id=body["id"])
+    assert job.tenant_id == "tenant-1"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_created_job_is_pushed_after_commit(
+    client: Client, api_key: str, redis_client: Any, redis_prefix: str
+) -> None:
+    response = post(client, "/jobs", SLEEP, api_key)
+    job_id = response.json()["id"]
+    assert redis_client.zscore(f"{redis_prefix}:ready:tenant-1", job_id) is not None
+    assert redis_client.lrange(f"{redis_prefix}:tenants", 0, -1) == [b"tenant-1"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_delayed_job_goes_to_delayed_set(
+    client: Client, api_key: str, redis_client: Any, redis_prefix: str
+) -> None:
+    response = post(client, "/jobs", {**SLEEP, "delayMs": 60_000}, api_key)
+    assert response.status_code == 201
+    body = response.json()
+    run_at = datetime.fromisoformat(body["runAt"])
+    assert run_at > datetime.now(UTC) + timedelta(seconds=50)
+    members = redis_client.zrange(f"{redis_prefix}:delayed", 0, -1)
+    assert len(members) == 1 and members[0].decode().endswith(body["id"])
+    assert redis_client.zcard(f"{redis_prefix}:ready:tenant-1") == 0
+
+
+def test_tenant_id_in_body_must_match_key(
+    client: Client, api_key: str, other_tenant: Tenant
+) -> None:
+    assert post(client, "/jobs", {**SLEEP, "tenantId": "tenant-1"}, api_key).status_code == 201
+    body = assert_error(post(client, "/jobs", {**SLEEP, "tenantId": "tenant-2"}, api_key), 403)
+    assert "tenantId" in body["error"]
+    assert Job.objects.count() == 1
+
+
+@pytest.mark.parametrize(
+    "header",
+    [None, "Bearer", "Bearer nope", "Basic abc", "Bearer jq_000000000000_wrong"],
+)
+def test_missing_or_bad_key_is_401(client: Client, tenant: Tenant, header: str | None) -> None:
+    extra = {"HTTP_AUTHORIZATION": header} if header else {}
+    response = client.post("/jobs", json.dumps(SLEEP), content_type="application/json", **extra)
+    assert_error(response, 401)
+    assert response["WWW-Authenticate"] == "Bearer"
+    assert Job.objects.count() == 0
+
+
+def test_revoked_key_and_inactive_tenant_are_refused(
+    client: Client, api_key: str, tenant: Tenant
+) -> None:
+    assert get(client, "/jobs", api_key).status_code == 200
+    tenant.is_active = False
+    tenant.save()
+    assert_error(get(client, "/jobs", api_key), 401)
+    tenant.is_active = True
+    tenant.save()
+    api_key_revoke(prefix=api_key.split("_")[1])
+    assert_error(get(client, "/jobs", api_key), 401)
+
+
+def test_other_tenants_job_is_404_everywhere(
+    client: Client, api_key: str, other_api_key: str
+) -> None:
+    job_id = post(client, "/jobs", SLEEP, other_api_key).json()["id"]
+    assert_error(get(client, f"/jobs/{job_id}", api_key), 404)
+    assert_error(post(client, f"/jobs/{job_id}/cancel", {}, api_key), 404)
+    assert_error(post(client, f"/jobs/{job_id}/retry", {}, api_key), 404)
+    assert get(client, "/jobs", api_key).json()["total"] == 0
+    assert get(client, f"/jobs/{job_id}", other_api_key).status_code == 200
+
+
+def test_unknown_job_and_bad_id(client: Client, api_key: str) -> None:
+    assert_error(get(client, f"/jobs/{uuid.uuid4()}", api_key), 404)
+    assert get(client, "/jobs/not-a-uuid", api_key).status_code in (400, 404)
+
+
+def test_list_is_newest_first_stable_and_paginated(client: Client, api_key: str) -> None:
+    ids = [post(client, "/jobs", SLEEP, api_key).json()["id"] for _ in range(5)]
+    post(client, "/jobs/batch", {"jobs": [SLEEP] * 3}, api_key)
+    all_jobs = get(client, "/jobs", api_key, limit=100).json()
+    assert all_jobs["total"] == 8
+    listed = [job["id"] for job in all_jobs["jobs"]]
+    assert listed[3:] == list(reversed(ids))
+    created = [job["createdAt"] for job in all_jobs["jobs"]]
+    assert created == sorted(created, reverse=True)
+    pages = []
+    for offset in range(0, 8, 3):
+        page = get(client, "/jobs", api_key, limit=3, offset=offset).json()
+        assert page["limit"] == 3 and page["offset"] == offset and page["total"] == 8
+        pages.extend(job["id"] for job in page["jobs"])
+    assert pages == listed
+
+
+def test_list_filters_by_status_and_type(client: Client, api_key: str, tenant: Tenant) -> None:
+    post(client, "/jobs", SLEEP, api_key)
+    post(
+        client,
+        "/jobs",
+        {"type": "data_processing", "payload": {"values": [1, 2], "operations": ["sum"]}},
+        api_key,
+    )
+    Job.objects.filter(type="sleep").update(status=JobStatus.FAILED)
+    failed = get(client, "/jobs", api_key, status="FAILED").json()
+    assert [job["type"] for job in failed["jobs"]] == ["sleep"]
+    by_type = get(client, "/jobs", api_key, type="data_processing").json()
+    assert by_type["total"] == 1 and by_type["jobs"][0]["status"] == "PENDING"
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"limit": 0},
+        {"limit": 101},
+        {"limit": "abc"},
+        {"offset": -1},
+        {"status": "DONE"},
+        {"limit": "9" * 50},
+    ],
+)
+def test_bad_list_query_is_400(client: Client, api_key: str, params: dict) -> None:
+    body = assert_error(get(client, "/jobs", api_key, **params), 400, "Validation failed")
+    assert body["details"] and all("field" in d and "message" in d for d in body["details"])
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"payload": {}}, "type"),
+        ({"type": "nope", "payload": {}}, "type"),
+        ({"type": "sleep"}, "payload"),
+        ({"type": "sleep", "payload": []}, "payload"),
+        ({"type": "sleep", "payload": {"delayMs": -1}}, "payload.delayMs"),
+        ({"type": "sleep", "payload": {"delayMs": "soon"}}, "payload.delayMs"),
+        ({"type": "sleep", "payload": {"delayMs": 10**30}}, "payload.delayMs"),
+        ({**SLEEP, "priority": 11}, "priority"),
+        ({**SLEEP, "priority": 10**40}, "priority"),
+        ({**SLEEP, "maxAttempts": 0}, "maxAttempts"),
+        ({**SLEEP, "maxAttempts": 1000}, "maxAttempts"),
+        ({**SLEEP, "delayMs": -5}, "delayMs"),
+        ({**SLEEP, "runAt": "tomorrow"}, "runAt"),
+        ({**SLEEP, "runAt": "2030-01-01T00:00:00"}, "runAt"),
+        ({**SLEEP, "unknownField": 1}, "unknownField"),
+        ({**SLEEP, "tenantId": "bad tenant!"}, "tenantId"),
+        (
+            {"type": "email", "payload": {"to": "not-an-address", "subject": "s", "body": "b"}},
+            "payload.to",
+        ),
+        ({"type": "webhook", "payload": {"url": "ftp://example.com/"}}, "payload.url"),
+        (
+            {"type": "data_processing", "payload": {"values": [1], "operations": ["mode"]}},
+            "payload.operations",
+        ),
+    ],
+)
+def test_invalid_job_is_400_with_field_details(
+    client: Client, api_key: str, body: dict, field: str
+) -> None:
+    response = assert_error(post(client, "/jobs", body, api_key), 400, "Validation failed")
+    fields = [d["field"] for d in response["details"]]
+    assert any(f == field or f.startswith(field + ".") for f in fields), fields
+    assert Job.objects.count() == 0
+
+
+def test_run_at_and_delay_together_is_400(client: Client, api_key: str) -> None:
+    body = {**SLEEP, "delayMs": 5, "runAt": "2030-01-01T00:00:00Z"}
+    assert_error(post(client, "/jobs", body, api_key), 400, "Validation failed")
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b"{", b"not json", b"[1, 2]", b'"string"', b"null", b'{"type": NaN}', b"1e999999"],
+)
+def test_malformed_json_is_400(client: Client, api_key: str, raw: bytes) -> None:
+    assert_error(post(client, "/jobs", raw, api_key), 400)
+    assert Job.objects.count() == 0
+
+
+def test_deep_nesting_is_400(client: Client, api_key: str) -> None:
+    deep: Any = {"delayMs": 1}
+    for _ in range(100):
+        deep = {"x": deep}
+    assert_error(post(client, "/jobs", {"type": "sleep", "payload": deep}, api_key), 400)
+    very_deep = "[" * 100_000 + "]" * 100_000
+    assert_error(post(client, "/jobs", very_deep, api_key), 400)
+
+
+def test_wrong_content_type_is_415(client: Client, api_key: str) -> None:
+    response = client.post(
+        "/jobs",
+        "type=sleep",
+        content_type="application/x-www-form-urlencoded",
+        HTTP_AUTHORIZATION=f"Bearer {api_key}",
+    )
+    assert_error(response, 415)
+
+
+def test_payload_too_large_is_413(client: Client, api_key: str, settings: Any) -> None:
+    settings.JOBS = {**settings.JOBS, "MAX_PAYLOAD_BYTES": 1000}
+    body = {"type": "email", "payload": {"to": "a@example.com", "subject": "s", "body": "x" * 2000}}
+    response = assert_error(post(client, "/jobs", body, api_key), 413, "Payload too large")
+    assert response["details"]["maxBytes"] == 1000
+
+
+def test_body_too_large_is_413(client: Client, api_key: str, settings: Any) -> None:
+    settings.DATA_UPLOAD_MAX_MEMORY_SIZE = 2048
+    body = {"type": "email", "payload": {"to": "a@example.com", "subject": "s", "body": "x" * 5000}}
+    assert_error(post(client, "/jobs", body, api_key), 413, "Request body too large")
+
+
+def test_unknown_path_is_json_404(client: Client) -> None:
+    response = client.get("/nope")
+    assert response.status_code == 404
+
+
+def test_openapi_and_docs_are_served_locally(client: Client) -> None:
+    schema = client.get("/openapi.json").json()
+    assert "/jobs" in schema["paths"] and "/jobs/{job_id}" in schema["paths"]
+    job_in = schema["components"]["schemas"]["JobIn"]["properties"]
+    assert "maxAttempts" in job_in and "runAt" in job_in
+    docs = client.get("/docs")
+    assert docs.status_code == 200
+    html = docs.content.decode()
+    assert "cdn." not in html and "unpkg" not in html
+
+
+def test_idempotency_key_returns_original_or_409(client: Client, api_key: str) -> None:
+    first = post(client, "/jobs", SLEEP, api_key, **{"Idempotency-Key": "abc"})
+    assert first.status_code == 201
+    again = post(client, "/jobs", SLEEP, api_key, **{"Idempotency-Key": "abc"})
+    assert again.status_code == 200
+    assert again.json()["id"] == first.json()["id"]
+    different = post(
+        client, "/jobs", {**SLEEP, "priority": 2}, api_key, **{"Idempotency-Key": "abc"}
+    )
+    assert_error(different, 409)
+    assert Job.objects.count() == 1
+
+
+def test_idempotency_key_is_per_tenant(client: Client, api_key: str, other_api_key: str) -> None:
+    a = post(client, "/jobs", SLEEP, api_key, **{"Idempotency-Key": "same"})
+    b = post(client, "/jobs", SLEEP, other_api_key, **{"Idempotency-Key": "same"})
+    assert a.status_code == b.status_code == 201
+    assert a.json()["id"] != b.json()["id"]
+
+
+def test_batch_creates_all_or_nothing(client: Client, api_key: str) -> None:
+    response = post(client, "/jobs/batch", {"jobs": [SLEEP] * 1000}, api_key)
+    assert response.status_code == 201
+    ids = response.json()["jobIds"]
+    assert len(ids) == len(set(ids)) == 1000
+    assert Job.objects.count() == 1000
+    bad = [SLEEP] * 10
+    bad[7] = {"type": "sleep", "payload": {"delayMs": "x"}}
+    body = assert_error(post(client, "/jobs/batch", {"jobs": bad}, api_key), 400)
+    assert any(d["field"].startswith("jobs.7.payload") for d in body["details"])
+    assert Job.objects.count() == 1000
+    assert_error(post(client, "/jobs/batch", {"jobs": [SLEEP] * 1001}, api_key), 400)
+    assert_error(post(client, "/jobs/batch", {"jobs": []}, api_key), 400)
+
+
+def test_cancel_and_retry_states(client: Client, api_key: str) -> None:
+    job_id = post(client, "/jobs", SLEEP, api_key).json()["id"]
+    cancelled = post(client, f"/jobs/{job_id}/cancel", {}, api_key)
+    assert cancelled.status_code == 200 and cancelled.json()["status"] == "CANCELLED"
+    assert_error(post(client, f"/jobs/{job_id}/cancel", {}, api_key), 409)
+    retried = post(client, f"/jobs/{job_id}/retry", {}, api_key)
+    assert retried.status_code == 200
+    assert retried.json()["status"] == "PENDING" and retried.json()["attempts"] == 0
+    assert_error(post(client, f"/jobs/{job_id}/retry", {}, api_key), 409)
+
+
+def test_other_key_of_same_tenant_sees_jobs(client: Client, api_key: str, tenant: Tenant) -> None:
+    job_id = post(client, "/jobs", SLEEP, api_key).json()["id"]
+    _, second = api_key_create(tenant=tenant)
+    assert get(client, f"/jobs/{job_id}", second).status_code == 200

@@ -1,0 +1,309 @@
+"""The worker in-process against the real Redis and PostgreSQL: lifecycle, retries, timeouts,
+fencing, recovery, reconciliation, cancellation and broadcasts."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from asgiref.sync import sync_to_async
+from channels.layers import get_channel_layer
+from django.core import mail
+from django.db import connection
+from django.utils import timezone
+
+from jobs import store
+from jobs.models import Job, JobStatus, Tenant
+from jobs.queue import sync_queue
+from jobs.services import JobSpec, job_cancel, job_enqueue, queue_entry
+from jobs.worker import Worker, WorkerOptions
+from realtime.broadcast import tenant_group
+from tests.support.webhook_server import WebhookServer, webhook_server
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture(autouse=True)
+def fast_settings(settings: Any) -> None:
+    settings.JOBS = {
+        **settings.JOBS,
+        "RETRY_BASE_MS": 20,
+        "RETRY_MAX_MS": 100,
+        "LEASE_S": 2,
+        "WEBHOOK_ALLOWED_HOSTS": ["127.0.0.1"],
+    }
+
+
+@pytest.fixture
+def server() -> Iterator[WebhookServer]:
+    with webhook_server() as srv:
+        yield srv
+
+
+def closing(fn: Any) -> Any:
+    """Run `fn` from async code in a thread, closing that thread's connection afterwards."""
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            connection.close()
+
+    return sync_to_async(call, thread_sensitive=False)
+
+
+def enqueue(tenant: Tenant, job_type: str, payload: dict, **kwargs: Any) -> Job:
+    job, _ = job_enqueue(tenant=tenant, spec=JobSpec(type=job_type, payload=payload, **kwargs))
+    return job
+
+
+def make_worker(name: str | None = None, **kwargs: Any) -> Worker:
+    options = WorkerOptions(
+        name=name or f"test-{uuid.uuid4().hex[:6]}", concurrency=4, burst=True, grace_s=5
+    )
+    for key, value in kwargs.items():
+        setattr(options, key, value)
+    return Worker(options)
+
+
+def run_burst(**kwargs: Any) -> Worker:
+    worker = make_worker(**kwargs)
+    assert asyncio.run(asyncio.wait_for(worker.run(), timeout=60)) == 0
+    return worker
+
+
+def test_jobs_of_every_type_complete_with_results(tenant: Tenant, server: WebhookServer) -> None:
+    jobs = [
+        enqueue(tenant, "sleep", {"delayMs": 20}),
+        enqueue(tenant, "data_processing", {"values": [1, 2, 3, 4], "operations": ["sum", "mean"]}),
+        enqueue(tenant, "email", {"to": "a@example.com", "subject": "hi", "body": "hello"}),
+        enqueue(tenant, "webhook", {"url": server.url(), "body": {"n": 1}}),
+    ]
+    run_burst()
+    by_type = {job.type: Job.objects.get(id=job.id) for job in jobs}
+    for job in by_type.values():
+        assert job.status == JobStatus.COMPLETED, (job.type, job.error)
+        assert job.attempts == 1
+        assert job.started_at is not None and job.finished_at is not None
+        assert job.lease_token is None
+    assert by_type["sleep"].result == {"sleptMs": 20}
+    assert by_type["data_processing"].result == {"sum": 10, "mean": 2.5}
+    assert by_type["email"].result == {"sent": 1}
+    assert by_type["webhook"].result["statusCode"] == 200
+    assert len(mail.outbox) == 1 and mail.outbox[0].to == ["a@example.com"]
+    calls = server.calls("/hook")
+    assert len(calls) == 1 and calls[0].json() == {"n": 1}
+
+
+def test_failed_attempts_are_retried_with_backoff(tenant: Tenant, server: WebhookServer) -> None:
+    server.statuses["/flaky"] = [500, 503, 200]
+    job = enqueue(tenant, "webhook", {"url": server.url("/flaky")}, max_attempts=3)
+    run_burst()
+    job.refresh_from_db()
+    assert job.status == JobStatus.COMPLETED and job.attempts == 3
+    assert len(server.calls("/flaky")) == 3
+
+
+def test_attempts_exhausted_fail_with_last_error(tenant: Tenant, server: WebhookServer) -> None:
+    server.statuses["/down"] = [500]
+    job = enqueue(tenant, "webhook", {"url": server.url("/down")}, max_attempts=2)
+    run_burst()
+    job.refresh_from_db()
+    assert job.status == JobStatus.FAILED and job.attempts == 2
+    assert "500" in job.error
+    assert len(server.calls("/down")) == 2
+
+
+def test_permanent_error_is_not_retried(tenant: Tenant, server: WebhookServer) -> None:
+    server.statuses["/gone"] = [404]
+    job = enqueue(tenant, "webhook", {"url": server.url("/gone")}, max_attempts=5)
+    run_burst()
+    job.refresh_from_db()
+    assert job.status == JobStatus.FAILED and job.attempts == 1
+    assert "404" in job.error
+    assert len(server.calls("/gone")) == 1
+
+
+def test_timeout_fails_the_attempt(tenant: Tenant) -> None:
+    job = enqueue(tenant, "sleep", {"delayMs": 5000}, timeout_ms=200, max_attempts=1)
+    started = time.monotonic()
+    run_burst()
+    job.refresh_from_db()
+    assert time.monotonic() - started < 4
+    assert job.status == JobStatus.FAILED
+    assert "timed out" in job.error
+
+
+def test_delayed_job_does_not_run_early(tenant: Tenant) -> None:
+    run_at = timezone.now() + timedelta(milliseconds=700)
+    job = enqueue(tenant, "sleep", {"delayMs": 0}, run_at=run_at)
+    run_burst()
+    job.refresh_from_db()
+    assert job.status == JobStatus.COMPLETED
+    assert job.started_at >= run_at
+
+
+def test_duplicate_ids_in_redis_run_once(tenant: Tenant, server: WebhookServer) -> None:
+    jobs = [enqueue(tenant, "webhook", {"url": server.url(f"/d{i}")}) for i in range(20)]
+    # The same ids pushed again (e.g. by reconciliation) must not run twice.
+    sync_queue().enqueue(queue_entry(job) for job in jobs)
+    other = [enqueue(tenant, "sleep", {"delayMs": 0}) for _ in range(3)]
+    sync_queue().enqueue(queue_entry(job) for job in jobs)
+
+    async def two_workers() -> None:
+        await asyncio.gather(make_worker().run(), make_worker().run())
+
+    asyncio.run(asyncio.wait_for(two_workers(), timeout=60))
+    for i, job in enumerate(jobs):
+        job.refresh_from_db()
+        assert job.status == JobStatus.COMPLETED and job.attempts == 1
+        assert len(server.calls(f"/d{i}")) == 1
+    assert all(Job.objects.get(id=j.id).status == JobStatus.COMPLETED for j in other)
+
+
+def test_final_write_is_fenced_by_lease_token(tenant: Tenant) -> None:
+    job = enqueue(tenant, "sleep", {"delayMs": 0})
+    [claimed] = store.claim_jobs(job_ids=[str(job.id)], worker="slow")
+    Job.objects.filter(id=job.id).update(lease_expires_at=timezone.now() - timedelta(seconds=1))
+    [recovered] = store.recover_expired_leases(limit=10)
+    assert recovered.status == JobStatus.PENDING
+    # The slow worker wakes up and tries to complete with its old lease: nothing is written.
+    assert store.finish_job(job=claimed, outcome=store.Outcome(result={"late": True})) is None
+    job.refresh_from_db()
+    assert job.status == JobStatus.PENDING and job.result is None and job.attempts == 1
+
+
+def test_dead_workers_job_is_recovered_and_completed(tenant: Tenant, redis_client: Any) -> None:
+    job = enqueue(tenant, "sleep", {"delayMs": 0})
+    queue = sync_queue()
+    queue.claim(worker="dead", count=1)
+    store.claim_jobs(job_ids=[str(job.id)], worker="dead")
+    redis_client.zadd(queue.workers_key, {"dead": int(time.time() * 1000) - 60_000})
+    Job.objects.filter(id=job.id).update(lease_expires_at=timezone.now() - timedelta(seconds=1))
+    run_burst()
+    job.refresh_from_db()
+    assert job.status == JobStatus.COMPLETED
+    assert job.attempts == 2
+    assert redis_client.exists(queue.key("processing", "dead")) == 0
+
+
+def test_recovery_fails_job_when_attempts_are_used_up(tenant: Tenant) -> None:
+    job = enqueue(tenant, "sleep", {"delayMs": 0}, max_attempts=1)
+    store.claim_jobs(job_ids=[str(job.id)], worker="dead")
+    Job.objects.filter(id=job.id).update(lease_expires_at=timezone.now() - timedelta(seconds=1))
+    run_burst()
+    job.refresh_from_db()
+    assert job.status == JobStatus.FAILED and "lease expired" in job.error
+
+
+def test_reconciliation_pushes_jobs_redis_lost(
+    tenant: Tenant, redis_client: Any, redis_prefix: str
+) -> None:
+    jobs = [enqueue(tenant, "sleep", {"delayMs": 0}) for _ in range(5)]
+    delayed = enqueue(
+        tenant, "sleep", {"delayMs": 0}, run_at=timezone.now() + timedelta(milliseconds=300)
+    )
+    keys = list(redis_client.scan_iter(match=f"{redis_prefix}:*"))
+    redis_client.delete(*keys)  # this test's keys only: as if Redis had been flushed
+    run_burst()
+    for job in [*jobs, delayed]:
+        job.refresh_from_db()
+        assert job.status == JobStatus.COMPLETED
+
+
+def test_every_state_change_is_broadcast_in_order(tenant: Tenant) -> None:
+    job = enqueue(tenant, "sleep", {"delayMs": 10})
+
+    async def scenario() -> list[dict]:
+        layer = get_channel_layer()
+        channel = await layer.new_channel()
+        await layer.group_add(tenant_group(tenant.id), channel)
+        await asyncio.wait_for(make_worker().run(), timeout=30)
+        updates = []
+        while True:
+            try:
+                message = await asyncio.wait_for(layer.receive(channel), timeout=0.5)
+            except TimeoutError:
+                return updates
+            updates.append(message["update"])
+
+    updates = asyncio.run(scenario())
+    mine = [u for u in updates if u["jobId"] == str(job.id)]
+    assert [u["status"] for u in mine] == ["RUNNING", "COMPLETED"]
+    assert mine[-1]["result"] == {"sleptMs": 10} and mine[-1]["tenantId"] == tenant.id
+
+
+def test_cancel_running_job_stops_its_handler(tenant: Tenant) -> None:
+    job = enqueue(tenant, "sleep", {"delayMs": 20_000})
+
+    async def scenario() -> float:
+        worker = make_worker(burst=False)
+        task = asyncio.create_task(worker.run())
+        deadline = time.monotonic() + 10
+        while (await closing(lambda: Job.objects.get(id=job.id).status)()) != "RUNNING":
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.02)
+        cancelled_at = time.monotonic()
+        await closing(job_cancel)(tenant=tenant, job_id=job.id)
+        while worker._running:
+            assert time.monotonic() - cancelled_at < 1.0, "handler not stopped within a second"
+            await asyncio.sleep(0.01)
+        stopped_after = time.monotonic() - cancelled_at
+        worker.stop()
+        assert await asyncio.wait_for(task, timeout=10) == 0
+        return stopped_after
+
+    assert asyncio.run(scenario()) < 1.0
+    job.refresh_from_db()
+    assert job.status == JobStatus.CANCELLED and job.result is None
+
+
+def test_warm_stop_finishes_running_jobs(tenant: Tenant) -> None:
+    jobs = [enqueue(tenant, "sleep", {"delayMs": 300}) for _ in range(3)]
+
+    async def scenario() -> None:
+        worker = make_worker(burst=False)
+        task = asyncio.create_task(worker.run())
+        deadline = time.monotonic() + 10
+        while len(worker._running) < 3:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        worker.stop()
+        assert await asyncio.wait_for(task, timeout=10) == 0
+
+    asyncio.run(scenario())
+    assert all(Job.objects.get(id=j.id).status == JobStatus.COMPLETED for j in jobs)
+
+
+def test_cold_stop_puts_unfinished_jobs_back(tenant: Tenant, redis_client: Any) -> None:
+    job = enqueue(tenant, "sleep", {"delayMs": 20_000})
+
+    async def scenario() -> None:
+        worker = make_worker(burst=False, grace_s=0.2)
+        task = asyncio.create_task(worker.run())
+        deadline = time.monotonic() + 10
+        while not worker._running:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
+        worker.stop()
+        assert await asyncio.wait_for(task, timeout=10) == 0
+
+    asyncio.run(scenario())
+    job.refresh_from_db()
+    assert job.status == JobStatus.PENDING and job.attempts == 0 and job.lease_token is None
+    ready = sync_queue().key("ready", tenant.id)
+    assert redis_client.zscore(ready, str(job.id)) is not None
+
+
+def test_max_jobs_recycles_the_worker(tenant: Tenant) -> None:
+    jobs = [enqueue(tenant, "sleep", {"delayMs": 0}) for _ in range(6)]
+    run_burst(concurrency=1, max_jobs=2, burst=False)
+    statuses = [Job.objects.get(id=j.id).status for j in jobs]
+    assert statuses.count(JobStatus.COMPLETED) == 2
+    assert statuses.count(JobStatus.PENDING) == 4
