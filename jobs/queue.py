@@ -32,7 +32,7 @@ import redis
 import redis.asyncio as aioredis
 from django.conf import settings
 
-from jobs.models import PRIORITY_MAX, PRIORITY_MIN
+from jobs.models import PRIORITY_MAX, PRIORITY_MIN, Job
 
 LUA_DIR = Path(__file__).with_name("lua")
 # Ready scores order a tenant's jobs by priority band, then by creation time in microseconds
@@ -57,6 +57,16 @@ class QueueEntry:
     job_id: str
     score: int
     run_at_ms: int
+
+
+def entry_for(job: Job) -> QueueEntry:
+    """The queue entry of a job row (its ready score and due time)."""
+    return QueueEntry(
+        tenant=job.tenant_id,
+        job_id=str(job.id),
+        score=ready_score(priority=job.priority, created_at=job.created_at),
+        run_at_ms=int(job.run_at.timestamp() * 1000),
+    )
 
 
 @dataclass(frozen=True, slots=True)

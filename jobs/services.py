@@ -21,7 +21,7 @@ from django.utils import timezone
 
 from jobs.errors import ApiError, Conflict, NotFound
 from jobs.models import ApiKey, Job, JobStatus, Tenant
-from jobs.queue import QueueEntry, ready_score, sync_queue
+from jobs.queue import entry_for, sync_queue
 from realtime.broadcast import broadcast
 
 logger = logging.getLogger(__name__)
@@ -113,22 +113,13 @@ class JobSpec:
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
-def queue_entry(job: Job) -> QueueEntry:
-    return QueueEntry(
-        tenant=job.tenant_id,
-        job_id=str(job.id),
-        score=ready_score(priority=job.priority, created_at=job.created_at),
-        run_at_ms=int(job.run_at.timestamp() * 1000),
-    )
-
-
 def push_to_queue(jobs: Sequence[Job]) -> None:
     """Index committed jobs in Redis. A failure is logged, not raised: the rows are durable and
     the worker's reconciliation scan pushes them once Redis answers again."""
     if not jobs:
         return
     try:
-        sync_queue().enqueue(queue_entry(job) for job in jobs)
+        sync_queue().enqueue(entry_for(job) for job in jobs)
     except Exception:
         logger.exception(
             "push to Redis failed; reconciliation will requeue job_ids=%s",
@@ -252,7 +243,7 @@ def job_cancel(*, tenant: Tenant, job_id: uuid.UUID) -> Job:
                 if was_running:
                     queue.publish_cancel(str(job.id))
                 else:
-                    queue.remove([queue_entry(job)])
+                    queue.remove([entry_for(job)])
             except Exception:
                 # A PENDING id left in Redis is harmless: the claim's compare-and-set skips it.
                 logger.exception("cancel signal to Redis failed job_id=%s", job.id)

@@ -27,7 +27,7 @@ from pydantic import ValidationError
 
 from jobs.handlers import JobContext, PermanentError, get_handler
 from jobs.models import Job, JobStatus
-from jobs.queue import Queue, QueueEntry, parse_claim, ready_score
+from jobs.queue import Queue, entry_for, parse_claim
 from jobs.store import JobStore, Outcome
 from realtime.broadcast import abroadcast
 
@@ -53,13 +53,12 @@ def rss_mb() -> float:
         return 0.0
 
 
-def queue_entry(job: Job) -> QueueEntry:
-    return QueueEntry(
-        tenant=job.tenant_id,
-        job_id=str(job.id),
-        score=ready_score(priority=job.priority, created_at=job.created_at),
-        run_at_ms=int(job.run_at.timestamp() * 1000),
-    )
+def error_text(exc: BaseException) -> str:
+    """A job's `error`: handlers' own errors speak for themselves; others carry their type."""
+    message = str(exc)
+    if type(exc).__module__.startswith("jobs.handlers") and message:
+        return message
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
 
 
 @dataclass
@@ -210,7 +209,7 @@ class Worker:
             if job.run_at > timezone.now()
         ]
         if not_due:
-            await self.queue.enqueue(queue_entry(job) for job in not_due)
+            await self.queue.enqueue(entry_for(job) for job in not_due)
 
     async def _wait_for_work(self, next_due_ms: int | None) -> None:
         timeout = MAX_BLOCK_S
@@ -282,11 +281,9 @@ class Worker:
             return Outcome(error=f"timed out after {timeout:g}s")
         except PermanentError as exc:
             return Outcome(error=str(exc) or type(exc).__name__, permanent=True)
-        except (TypeError, ValueError) as exc:
-            return Outcome(error=f"{type(exc).__name__}: {exc}")
         except Exception as exc:
             self._log("handler raised", job=job, level=logging.WARNING, exc_info=True)
-            return Outcome(error=f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
+            return Outcome(error=error_text(exc))
         return Outcome(result=result)
 
     async def _persist_job_status(
@@ -303,7 +300,7 @@ class Worker:
             # else: cancelled through the API, which already wrote CANCELLED.
             if written is not None:
                 if written.status == JobStatus.PENDING:
-                    await self.queue.enqueue([queue_entry(written)])
+                    await self.queue.enqueue([entry_for(written)])
                 await abroadcast([written])
                 self._log(
                     "%s in %.0f ms%s",
@@ -435,7 +432,7 @@ class Worker:
         if recovered:
             pending = [job for job in recovered if job.status == JobStatus.PENDING]
             if pending:
-                await self.queue.enqueue(queue_entry(job) for job in pending)
+                await self.queue.enqueue(entry_for(job) for job in pending)
             await abroadcast(recovered)
             for job in recovered:
                 self._log("recovered from a dead worker -> %s", job.status, job=job)
@@ -453,7 +450,7 @@ class Worker:
             batch = await self.store.pending(after=after, horizon=horizon, limit=RECONCILE_BATCH)
             if not batch:
                 break
-            await self.queue.enqueue(queue_entry(job) for job in batch)
+            await self.queue.enqueue(entry_for(job) for job in batch)
             pushed += len(batch)
             after = batch[-1].created_at
             if len(batch) < RECONCILE_BATCH:

@@ -19,8 +19,8 @@ from django.utils import timezone
 
 from jobs import store
 from jobs.models import Job, JobStatus, Tenant
-from jobs.queue import sync_queue
-from jobs.services import JobSpec, job_cancel, job_enqueue, queue_entry
+from jobs.queue import entry_for, sync_queue
+from jobs.services import JobSpec, job_cancel, job_enqueue
 from jobs.worker import Worker, WorkerOptions
 from realtime.broadcast import tenant_group
 from tests.support.webhook_server import WebhookServer, webhook_server
@@ -151,9 +151,9 @@ def test_delayed_job_does_not_run_early(tenant: Tenant) -> None:
 def test_duplicate_ids_in_redis_run_once(tenant: Tenant, server: WebhookServer) -> None:
     jobs = [enqueue(tenant, "webhook", {"url": server.url(f"/d{i}")}) for i in range(20)]
     # The same ids pushed again (e.g. by reconciliation) must not run twice.
-    sync_queue().enqueue(queue_entry(job) for job in jobs)
+    sync_queue().enqueue(entry_for(job) for job in jobs)
     other = [enqueue(tenant, "sleep", {"delayMs": 0}) for _ in range(3)]
-    sync_queue().enqueue(queue_entry(job) for job in jobs)
+    sync_queue().enqueue(entry_for(job) for job in jobs)
 
     async def two_workers() -> None:
         await asyncio.gather(make_worker().run(), make_worker().run())

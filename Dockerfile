@@ -1,0 +1,23 @@
+# The API (Daphne) and the worker share this image; docker-compose.yml picks the command.
+FROM python:3.11-slim-bookworm
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    UV_COMPILE_BYTECODE=1 \
+    UV_LINK_MODE=copy \
+    UV_PROJECT_ENVIRONMENT=/opt/venv \
+    PATH="/opt/venv/bin:$PATH"
+
+RUN pip install --no-cache-dir uv
+
+WORKDIR /app
+COPY pyproject.toml uv.lock ./
+RUN uv sync --locked --no-dev --no-install-project
+
+COPY . .
+RUN useradd --system --uid 1000 app && mkdir -p /app/var && chown app /app/var
+USER app
+
+EXPOSE 8000
+# docker-compose.yml overrides this for the migrate step and the worker.
+CMD ["daphne", "-b", "0.0.0.0", "-p", "8000", "config.asgi:application"]

@@ -1,0 +1,138 @@
+"""Real processes: Daphne and `runworker_jobs` started as subprocesses against the test
+database and this test's Redis prefix."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from django.conf import settings
+from django.db import connection
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_database_url() -> str:
+    db = connection.settings_dict
+    auth = db["USER"] + (f":{db['PASSWORD']}" if db["PASSWORD"] else "")
+    return f"postgres://{auth}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}"
+
+
+def wait_until(predicate: Callable[[], Any], *, timeout: float, message: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s: {message}")
+
+
+@dataclass
+class Stack:
+    """Environment and processes of one end-to-end test; everything is stopped at the end."""
+
+    env: dict[str, str]
+    tmp: Path
+    processes: list[subprocess.Popen] = field(default_factory=list)
+    port: int = 0
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws"
+
+    def start_api(self) -> subprocess.Popen:
+        self.port = free_port()
+        proc = self._spawn(
+            "api",
+            [
+                sys.executable,
+                "-m",
+                "daphne",
+                "-b",
+                "127.0.0.1",
+                "-p",
+                str(self.port),
+                "config.asgi:application",
+            ],
+        )
+        wait_until(self._healthy, timeout=30, message="Daphne did not answer /health")
+        return proc
+
+    def start_worker(self, *args: str, name: str = "e2e-worker") -> subprocess.Popen:
+        return self._spawn(
+            name,
+            [sys.executable, str(ROOT / "manage.py"), "runworker_jobs", "--name", name, *args],
+        )
+
+    def _spawn(self, label: str, cmd: list[str]) -> subprocess.Popen:
+        log = open(self.tmp / f"{label}.log", "ab")  # noqa: SIM115 - closed with the process
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        self.processes.append(proc)
+        return proc
+
+    def _healthy(self) -> bool:
+        try:
+            return httpx.get(f"{self.base_url}/health", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def log(self, label: str) -> str:
+        path = self.tmp / f"{label}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def stop(self) -> None:
+        for proc in self.processes:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.processes:
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+@pytest.fixture
+def stack(transactional_db: None, redis_prefix: str, tmp_path: Path) -> Iterator[Stack]:
+    env = {
+        **os.environ,
+        "DATABASE_URL": test_database_url(),
+        "REDIS_URL": settings.REDIS_URL,
+        "JOBS_REDIS_PREFIX": redis_prefix,
+        "SECRET_KEY": "e2e-test-secret-key-0123456789-abcdefghijklmnopqrstuvwxyz",
+        "DEBUG": "0",
+        "ALLOWED_HOSTS": "127.0.0.1,localhost",
+        "JOBS_WEBHOOK_ALLOWED_HOSTS": "127.0.0.1",
+        "EMAIL_URL": f"file://{tmp_path / 'mail'}",
+        "JOBS_LEASE_S": "2",
+        "JOBS_RETRY_BASE_MS": "50",
+        "JOBS_RETRY_MAX_MS": "200",
+        "PYTHONUNBUFFERED": "1",
+    }
+    env.pop("PYTEST_CURRENT_TEST", None)
+    running = Stack(env=env, tmp=tmp_path)
+    try:
+        yield running
+    finally:
+        running.stop()
