@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 from typing import Any
@@ -15,9 +16,11 @@ from django.utils import timezone
 from ninja import NinjaAPI
 from ninja.errors import AuthenticationError, HttpError, ValidationError
 from ninja.parser import Parser
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from jobs.api import router as jobs_router
 from jobs.errors import ApiError
+from jobs.metrics import render_metrics
 from jobs.queue import sync_client
 from jobs.schemas import ErrorOut, HealthOut, ReadyOut
 from jobs.validation import VALIDATION_FAILED, error_details
@@ -148,6 +151,17 @@ def on_unexpected(request: HttpRequest, exc: Exception) -> HttpResponse:
 def health(request: HttpRequest) -> dict:
     """Liveness: answers as long as the process serves requests; checks no dependency."""
     return {"status": "ok", "timestamp": timezone.now()}
+
+
+@api.get("/metrics", tags=["service"], include_in_schema=True)
+def metrics(request: HttpRequest) -> HttpResponse:
+    """Prometheus text exposition. With JOBS_METRICS_TOKEN set, it needs that Bearer token."""
+    token = settings.JOBS["METRICS_TOKEN"]
+    if token:
+        given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+        if not hmac.compare_digest(given.encode(), token.encode()):
+            return error_response(request, 401, "Missing or invalid metrics token")
+    return HttpResponse(render_metrics(), content_type=CONTENT_TYPE_LATEST)
 
 
 @api.get("/ready", response={200: ReadyOut, 503: ErrorOut}, by_alias=True, tags=["service"])

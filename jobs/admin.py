@@ -26,7 +26,7 @@ from django.utils.safestring import SafeString
 
 from jobs.errors import ApiError
 from jobs.models import ApiKey, Job, Tenant
-from jobs.services import api_key_create, api_key_revoke, job_cancel, job_retry
+from jobs.services import api_key_create, api_key_revoke, job_cancel, job_retry, tenant_save
 
 
 class EstimatedCountPaginator(Paginator):
@@ -229,6 +229,9 @@ class TenantAdmin(admin.ModelAdmin):
         if obj is None:
             return ("created_at",)
         return ("id", "created_at")
+
+    def save_model(self, request: HttpRequest, obj: Tenant, form: Any, change: bool) -> None:
+        tenant_save(tenant=obj)
 
     def has_delete_permission(self, request: HttpRequest, obj: Tenant | None = None) -> bool:
         # Deleting cascades to every job of the tenant in one statement; prune_jobs and

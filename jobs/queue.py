@@ -134,6 +134,14 @@ class Queue:
             return self.client.hdel(self.key("limits"), tenant)
         return self.client.hset(self.key("limits"), tenant, limit)
 
+    def replace_tenant_limits(self, limits: dict[str, int]) -> Any:
+        """Make the limits hash equal to `limits` (tenant -> max jobs running), atomically."""
+        pipe = self.client.pipeline(transaction=True)
+        pipe.delete(self.key("limits"))
+        if limits:
+            pipe.hset(self.key("limits"), mapping=limits)
+        return pipe.execute()
+
     # --- workers ------------------------------------------------------------------------------
     def claim(self, *, worker: str, count: int) -> Any:
         """Take up to `count` ids, one tenant per turn round robin; due delayed jobs first move."""

@@ -44,6 +44,23 @@ def tenant_create(*, tenant_id: str, name: str = "") -> Tenant:
     return tenant
 
 
+def tenant_save(*, tenant: Tenant) -> Tenant:
+    """Save a tenant's settings; its concurrency limit reaches Redis after commit (the workers
+    also copy every limit from the database periodically, so a lost update heals itself)."""
+    tenant.full_clean(validate_unique=False)
+    with transaction.atomic():
+        tenant.save()
+
+        def sync_limit() -> None:
+            try:
+                sync_queue().set_tenant_limit(tenant.id, tenant.max_concurrency)
+            except Exception:
+                logger.exception("could not sync concurrency limit tenant=%s", tenant.id)
+
+        transaction.on_commit(sync_limit)
+    return tenant
+
+
 def hash_api_key(raw_key: str) -> str:
     # Keys carry 256 bits of entropy, so a fast hash is enough (no dictionary to attack).
     return hashlib.sha256(raw_key.encode()).hexdigest()

@@ -24,7 +24,7 @@ from django.db import close_old_connections, connection, transaction
 from django.db.models import F
 from django.utils import timezone
 
-from jobs.models import Job, JobStatus
+from jobs.models import Job, JobStatus, Tenant
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -109,6 +109,9 @@ class JobStore:
 
     async def pending(self, *, after: datetime | None, horizon: datetime, limit: int) -> list[Job]:
         return await self.call(pending_jobs, after=after, horizon=horizon, limit=limit)
+
+    async def tenant_limits(self) -> dict[str, int]:
+        return await self.call(tenant_limits)
 
     async def pending_among(self, *, job_ids: Iterable[str]) -> list[Job]:
         return await self.call(pending_among, job_ids=list(job_ids))
@@ -247,4 +250,10 @@ def pending_among(*, job_ids: list[str]) -> list[Job]:
         Job.objects.filter(id__in=job_ids, status=JobStatus.PENDING).only(
             "id", "tenant_id", "priority", "created_at", "run_at"
         )
+    )
+
+
+def tenant_limits() -> dict[str, int]:
+    return dict(
+        Tenant.objects.filter(max_concurrency__isnull=False).values_list("id", "max_concurrency")
     )

@@ -108,6 +108,7 @@ class Worker:
             # A burst run must also see what Redis lost, before it decides nothing is left.
             await self.recover()
             await self.reconcile()
+        await self.queue.replace_tenant_limits(await self.store.tenant_limits())
         self._background = [
             asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
             asyncio.create_task(self._maintenance_loop(), name="maintenance"),
@@ -405,6 +406,7 @@ class Worker:
         while True:
             try:
                 await self.recover()
+                await self.queue.replace_tenant_limits(await self.store.tenant_limits())
                 if time.monotonic() - last_reconcile >= self.reconcile_interval_s:
                     last_reconcile = time.monotonic()
                     await self.reconcile()

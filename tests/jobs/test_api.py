@@ -346,3 +346,24 @@ def test_other_key_of_same_tenant_sees_jobs(client: Client, api_key: str, tenant
     job_id = post(client, "/jobs", SLEEP, api_key).json()["id"]
     _, second = api_key_create(tenant=tenant)
     assert get(client, f"/jobs/{job_id}", second).status_code == 200
+
+
+@pytest.mark.django_db(transaction=True)
+def test_metrics_report_jobs_and_queue_depth(client: Client, api_key: str, settings: Any) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    post(client, "/jobs/batch", {"jobs": [SLEEP] * 3}, api_key)
+    post(client, "/jobs", {**SLEEP, "delayMs": 60_000}, api_key)
+    response = client.get("/metrics")
+    assert response.status_code == 200
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(response.content.decode())
+        for s in family.samples
+    }
+    assert samples[("jobqueue_jobs", (("status", "PENDING"), ("type", "sleep")))] == 4
+    assert samples[("jobqueue_queue_depth", (("state", "ready"),))] == 3
+    assert samples[("jobqueue_queue_depth", (("state", "delayed"),))] == 1
+    settings.JOBS = {**settings.JOBS, "METRICS_TOKEN": "s3cret"}
+    assert client.get("/metrics").status_code == 401
+    assert client.get("/metrics", HTTP_AUTHORIZATION="Bearer s3cret").status_code == 200
