@@ -101,8 +101,8 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 # --- Redis, channel layer -----------------------------------------------------------------------
 REDIS_URL = env_str("REDIS_URL", "redis://127.0.0.1:6379/0")
 JOBS_REDIS_PREFIX = env_str("JOBS_REDIS_PREFIX", "jobs")
-if not re.fullmatch(r"[A-Za-z0-9_\-.]{1,40}", JOBS_REDIS_PREFIX):
-    raise ImproperlyConfigured("JOBS_REDIS_PREFIX must be 1-40 characters of [A-Za-z0-9_-.]")
+if not re.fullmatch(r"[A-Za-z0-9_\-.]{1,24}", JOBS_REDIS_PREFIX):
+    raise ImproperlyConfigured("JOBS_REDIS_PREFIX must be 1-24 characters of [A-Za-z0-9_-.]")
 
 CHANNEL_LAYERS = {
     "default": {

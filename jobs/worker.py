@@ -103,12 +103,7 @@ class Worker:
     async def run(self) -> int:
         """Run until stopped; returns the process exit code (0 for a clean stop)."""
         self._log("started concurrency=%s burst=%s", self.options.concurrency, self.options.burst)
-        await self._beat_redis()
-        if self.options.burst:
-            # A burst run must also see what Redis lost, before it decides nothing is left.
-            await self.recover()
-            await self.reconcile()
-        await self.queue.replace_tenant_limits(await self.store.tenant_limits())
+        await self._start_up()
         self._background = [
             asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
             asyncio.create_task(self._maintenance_loop(), name="maintenance"),
@@ -126,6 +121,25 @@ class Worker:
             await self.redis.aclose()
         self._log("stopped after %s jobs", self._processed)
         return 0
+
+    async def _start_up(self) -> None:
+        """Register, copy tenant limits and, in burst mode, recover and reconcile first (a burst
+        run must see what Redis lost before it decides nothing is left). Waits out outages."""
+        delay = 0.1
+        while not self._stop.is_set():
+            try:
+                await self._beat_redis()
+                await self.queue.replace_tenant_limits(await self.store.tenant_limits())
+                if self.options.burst:
+                    await self.recover()
+                    await self.reconcile()
+                return
+            except Exception as exc:
+                self._log(
+                    "start-up failed (%s); retrying in %.1fs", exc, delay, level=logging.WARNING
+                )
+                await self._sleep_unless_stopped(delay)
+                delay = min(delay * 2, 5.0)
 
     def stop(self) -> None:
         """First call: warm stop (finish running jobs). Second call: cold (put them back now)."""

@@ -9,9 +9,11 @@ check is made on the address actually connected to, DNS rebinding and odd IP spe
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import json
 import socket
+import ssl
 import time
 from collections.abc import Iterable
 from typing import Annotated, Any, Literal
@@ -238,13 +240,19 @@ class GuardedBackend(httpcore.AsyncNetworkBackend):
         await self._inner.sleep(seconds)
 
 
+@functools.cache
+def _ssl_context() -> ssl.SSLContext:
+    # Loading the CA bundle takes tens of milliseconds: once per process, not once per call.
+    return httpx.create_ssl_context(trust_env=False)
+
+
 def guarded_transport(allow: netguard.AllowList) -> httpx.AsyncHTTPTransport:
     """An httpx transport whose every connection goes through `GuardedBackend`, never a proxy."""
-    transport = httpx.AsyncHTTPTransport(trust_env=False)
+    transport = httpx.AsyncHTTPTransport(verify=_ssl_context(), trust_env=False)
     # httpx 0.28 has no public parameter for the network backend; the pool it builds is replaced
     # by an equivalent one that uses ours.
     transport._pool = httpcore.AsyncConnectionPool(
-        ssl_context=httpx.create_ssl_context(trust_env=False),
+        ssl_context=_ssl_context(),
         max_connections=10,
         http1=True,
         http2=False,

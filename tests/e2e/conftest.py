@@ -102,15 +102,19 @@ class Stack:
         return path.read_text(errors="replace") if path.exists() else ""
 
     def stop(self) -> None:
+        """SIGTERM everything; a second signal (cold stop) for what still runs after 3 s."""
         for proc in self.processes:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
+        for signum, seconds in ((signal.SIGINT, 3), (signal.SIGKILL, 15)):
+            deadline = time.monotonic() + seconds
+            for proc in self.processes:
+                try:
+                    proc.wait(timeout=max(0.01, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    proc.send_signal(signum)
         for proc in self.processes:
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            proc.wait()
 
 
 @pytest.fixture

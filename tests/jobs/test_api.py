@@ -367,3 +367,30 @@ def test_metrics_report_jobs_and_queue_depth(client: Client, api_key: str, setti
     settings.JOBS = {**settings.JOBS, "METRICS_TOKEN": "s3cret"}
     assert client.get("/metrics").status_code == 401
     assert client.get("/metrics", HTTP_AUTHORIZATION="Bearer s3cret").status_code == 200
+
+
+@pytest.mark.django_db(transaction=True)
+def test_concurrent_requests_with_one_idempotency_key_create_one_job(api_key: str) -> None:
+    import threading
+
+    from django.db import connection
+
+    results: list[tuple[int, str]] = []
+    barrier = threading.Barrier(8)
+
+    def send() -> None:
+        try:
+            barrier.wait(5)
+            response = post(Client(), "/jobs", SLEEP, api_key, **{"Idempotency-Key": "race"})
+            results.append((response.status_code, response.json()["id"]))
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=send) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(code for code, _ in results) == [200] * 7 + [201]
+    assert len({job_id for _, job_id in results}) == 1
+    assert Job.objects.count() == 1
