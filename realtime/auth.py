@@ -1,0 +1,155 @@
+"""WebSocket authentication: an API key (`?token=` or `Authorization: Bearer`) or a staff session.
+
+The middleware fills `scope["tenant"]` (the key's Tenant, or None) and `scope["user"]` (a staff
+user, or AnonymousUser) and refuses the handshake when neither identity is valid.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+from urllib.parse import ParseResult, parse_qs, urlparse
+
+from channels.auth import AuthMiddlewareStack
+from channels.db import database_sync_to_async
+from channels.middleware import BaseMiddleware
+from channels.security.websocket import OriginValidator
+from django.conf import settings
+from django.contrib.auth.models import AnonymousUser
+
+from jobs.services import api_key_authenticate
+
+logger = logging.getLogger(__name__)
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+# Django's own fallback when DEBUG is on and ALLOWED_HOSTS is empty.
+DEBUG_ALLOWED_HOSTS = [".localhost", "127.0.0.1", "[::1]"]
+
+
+def header(scope: Scope, name: bytes) -> str | None:
+    """The value of the first request header called `name` (lowercase bytes), or None."""
+    for key, value in scope.get("headers", []):
+        if key.lower() == name:
+            return value.decode("latin1")
+    return None
+
+
+def api_key_from_scope(scope: Scope) -> str | None:
+    """The API key the client presented, or None if it presented none.
+
+    `Authorization: Bearer <key>` wins over `?token=<key>` (browsers can only use the latter).
+    Other Authorization schemes are ignored: a proxy's Basic auth must not break a staff session.
+    """
+    authorization = header(scope, b"authorization")
+    if authorization is not None:
+        scheme, _, credentials = authorization.strip().partition(" ")
+        if scheme.lower() == "bearer" and credentials.strip():
+            return credentials.strip()
+    query = parse_qs(scope.get("query_string", b"").decode("latin1"))
+    tokens = query.get("token")
+    return tokens[-1] if tokens else None
+
+
+def is_staff_user(user: Any) -> bool:
+    """True for an authenticated, active staff user (the dashboard's identity)."""
+    return bool(
+        user is not None
+        and getattr(user, "is_authenticated", False)
+        and getattr(user, "is_active", False)
+        and getattr(user, "is_staff", False)
+    )
+
+
+def _parsed_origin(scope: Scope) -> ParseResult | None:
+    origin = header(scope, b"origin")
+    if not origin:
+        return None
+    parsed = urlparse(origin.strip().lower())
+    try:
+        parsed.port  # noqa: B018 -- raises ValueError on a malformed port
+    except ValueError:
+        return None
+    if not parsed.scheme or not parsed.hostname:
+        return None
+    return parsed
+
+
+def origin_allowed(scope: Scope) -> bool:
+    """True if the handshake's Origin is present and matches ALLOWED_HOSTS.
+
+    A session cookie is sent by the browser whatever page opens the socket, so a cookie-based
+    connection must come from one of our own pages (cross-site WebSocket hijacking). A `*` in
+    ALLOWED_HOSTS would make that check a no-op, so it only admits a same-origin request.
+    """
+    parsed = _parsed_origin(scope)
+    if parsed is None:
+        return False
+    allowed = list(settings.ALLOWED_HOSTS)
+    if settings.DEBUG and not allowed:
+        allowed = DEBUG_ALLOWED_HOSTS
+    patterns = [pattern for pattern in allowed if pattern != "*"]
+    if OriginValidator(None, patterns).validate_origin(parsed):
+        return True
+    if "*" in allowed:
+        host = header(scope, b"host")
+        return host is not None and parsed.netloc == host.strip().lower()
+    return False
+
+
+async def deny_connection(scope: Scope, receive: Receive, send: Send) -> None:
+    """Refuse the handshake: a close before accept reaches the client as HTTP 403."""
+    message = await receive()
+    if message["type"] == "websocket.connect":
+        await send({"type": "websocket.close"})
+
+
+class TenantOrStaffAuthMiddleware(BaseMiddleware):
+    """Admit a WebSocket with a valid API key, or a staff session opened from an allowed Origin.
+
+    Must sit inside Channels' AuthMiddlewareStack, which resolves `scope["user"]` first.
+    """
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "websocket":
+            return await self.inner(scope, receive, send)
+        scope = dict(scope)
+        client = scope.get("client")
+
+        tenant = None
+        raw_key = api_key_from_scope(scope)
+        if raw_key is not None:
+            tenant = await database_sync_to_async(api_key_authenticate)(raw_key=raw_key)
+            if tenant is None:
+                # A presented key that is wrong is an error, not a reason to try the session.
+                logger.info("websocket refused: invalid API key client=%s", client)
+                return await deny_connection(scope, receive, send)
+
+        user = scope.get("user")
+        staff = is_staff_user(user)
+        if staff and not origin_allowed(scope):
+            logger.warning(
+                "websocket: staff session ignored, Origin %r not allowed user=%s client=%s",
+                header(scope, b"origin"),
+                getattr(user, "pk", None),
+                client,
+            )
+            staff = False
+        if not staff:
+            # Only a staff session from an allowed Origin may act as a user downstream.
+            scope["user"] = AnonymousUser()
+
+        if tenant is None and not staff:
+            logger.info("websocket refused: no valid credentials client=%s", client)
+            return await deny_connection(scope, receive, send)
+        scope["tenant"] = tenant
+        return await self.inner(scope, receive, send)
+
+
+def JobsAuthMiddlewareStack(inner: ASGIApp) -> ASGIApp:
+    """Cookies, session and user (Channels), then the API-key/staff check of this project."""
+    return AuthMiddlewareStack(TenantOrStaffAuthMiddleware(inner))
