@@ -67,6 +67,7 @@ class RunningJob:
     task: asyncio.Task[None] | None = None
     cancel_requested: bool = False
     shutdown: bool = False
+    persisting: bool = False
 
 
 @dataclass
@@ -98,6 +99,7 @@ class Worker:
         self._cold = asyncio.Event()
         self._processed = 0
         self._background: list[asyncio.Task[None]] = []
+        self._persisting: set[asyncio.Task[None]] = set()
 
     # --- lifecycle ----------------------------------------------------------------------------
     async def run(self) -> int:
@@ -263,8 +265,12 @@ class Worker:
             if not (running.cancel_requested or running.shutdown):
                 raise
         finally:
-            # The outcome must be written even if this task is being cancelled.
-            await asyncio.shield(self._persist_job_status(running, outcome, start))
+            # The outcome must be written even if this task is being cancelled: the write runs
+            # as a task of its own, which stopping waits for.
+            persist = asyncio.create_task(self._persist_job_status(running, outcome, start))
+            self._persisting.add(persist)
+            persist.add_done_callback(self._persisting.discard)
+            await asyncio.shield(persist)
 
     async def _execute(self, job: Job) -> Outcome:
         spec = get_handler(job.type)
@@ -306,6 +312,7 @@ class Worker:
     ) -> None:
         job = running.job
         job_id = str(job.id)
+        running.persisting = True
         try:
             written: Job | None = None
             if outcome is not None:
@@ -387,6 +394,11 @@ class Worker:
         if tasks:
             self._log("put back %s unfinished jobs", len(tasks))
             await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*self._persisting, return_exceptions=True)
+        # A task cancelled before its first step never ran its body: put its job back here.
+        for running in list(self._running.values()):
+            if not running.persisting:
+                await self._persist_job_status(running, None, time.monotonic())
 
     async def _unregister(self) -> None:
         try:

@@ -307,3 +307,24 @@ def test_max_jobs_recycles_the_worker(tenant: Tenant) -> None:
     statuses = [Job.objects.get(id=j.id).status for j in jobs]
     assert statuses.count(JobStatus.COMPLETED) == 2
     assert statuses.count(JobStatus.PENDING) == 4
+
+
+def test_cold_stop_before_jobs_start_still_puts_them_back(tenant: Tenant) -> None:
+    jobs = [enqueue(tenant, "sleep", {"delayMs": 20_000}) for _ in range(2)]
+
+    async def scenario() -> None:
+        worker = make_worker(burst=False)
+        started, _ = await worker._claim_and_start(2)
+        assert started == 2
+        # Both signals arrive before the job tasks ever ran a step.
+        worker.stop()
+        worker.stop()
+        await worker._drain()
+        await worker._unregister()
+        worker.store.close()
+        await worker.redis.aclose()
+
+    asyncio.run(scenario())
+    for job in jobs:
+        job.refresh_from_db()
+        assert job.status == JobStatus.PENDING and job.attempts == 0
