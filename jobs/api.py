@@ -21,6 +21,7 @@ from jobs.schemas import (
     JobIn,
     JobListOut,
     JobOut,
+    StatsOut,
 )
 from jobs.validation import check_tenant, job_spec
 
@@ -85,6 +86,19 @@ def list_jobs(request: HttpRequest, filters: Query[JobFilter]) -> dict:
         "total": qs.count(),
         "limit": filters.limit,
         "offset": filters.offset,
+    }
+
+
+@router.get("/stats", response={200: StatsOut, **ERRORS})
+def stats(request: HttpRequest) -> dict:
+    """The tenant's queue depth (ready, delayed, running) and job counts by status."""
+    tenant: Tenant = request.auth
+    depth = selectors.tenant_queue_depths(tenant_ids=[tenant.id])[tenant.id]
+    return {
+        "tenant_id": tenant.id,
+        "queue": depth,
+        "jobs": selectors.job_counts_by_status(tenant=tenant),
+        "max_concurrency": tenant.max_concurrency,
     }
 
 

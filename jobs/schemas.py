@@ -101,6 +101,19 @@ class BatchCreatedOut(CamelSchema):
     job_ids: list[UUID]
 
 
+class QueueDepthOut(CamelSchema):
+    ready: int | None
+    delayed: int
+    running: int
+
+
+class StatsOut(CamelSchema):
+    tenant_id: str
+    queue: QueueDepthOut
+    jobs: dict[str, int]
+    max_concurrency: int | None
+
+
 class HealthOut(CamelSchema):
     status: str
     timestamp: datetime

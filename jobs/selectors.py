@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 
-from django.db.models import QuerySet
+from django.db.models import Count, QuerySet
+from django.utils import timezone
 
 from jobs.errors import NotFound
-from jobs.models import Job, Tenant
+from jobs.models import Job, JobStatus, Tenant
+from jobs.queue import sync_queue
+
+logger = logging.getLogger(__name__)
 
 
 def job_list(
@@ -38,3 +45,56 @@ def job_updated_since(*, tenant_id: str, since: datetime, limit: int) -> list[Jo
             :limit
         ]
     )
+
+
+@dataclass(frozen=True, slots=True)
+class QueueDepth:
+    """A tenant's jobs waiting and running: `ready` in its Redis ready set (None if Redis is
+    unreachable), `delayed` PENDING with a future runAt, `running` RUNNING in the database."""
+
+    ready: int | None
+    delayed: int
+    running: int
+
+
+def tenant_queue_depths(*, tenant_ids: Sequence[str]) -> dict[str, QueueDepth]:
+    """Queue depth of each tenant: one Redis round trip and one grouped query for all."""
+    if not tenant_ids:
+        return {}
+    now = timezone.now()
+    delayed: dict[str, int] = dict(
+        Job.objects.filter(tenant_id__in=tenant_ids, status=JobStatus.PENDING, run_at__gt=now)
+        .values_list("tenant_id")
+        .annotate(n=Count("id"))
+        .order_by()
+    )
+    running: dict[str, int] = dict(
+        Job.objects.filter(tenant_id__in=tenant_ids, status=JobStatus.RUNNING)
+        .values_list("tenant_id")
+        .annotate(n=Count("id"))
+        .order_by()
+    )
+    ready: list[int | None] = [None] * len(tenant_ids)
+    try:
+        queue = sync_queue()
+        pipe = queue.client.pipeline(transaction=False)
+        for tenant_id in tenant_ids:
+            pipe.zcard(queue.key("ready", tenant_id))
+        ready = list(pipe.execute())
+    except Exception as exc:
+        logger.warning("queue depth: Redis unavailable (%s)", exc)
+    return {
+        tenant_id: QueueDepth(
+            ready=ready[i], delayed=delayed.get(tenant_id, 0), running=running.get(tenant_id, 0)
+        )
+        for i, tenant_id in enumerate(tenant_ids)
+    }
+
+
+def job_counts_by_status(*, tenant: Tenant) -> dict[str, int]:
+    """The tenant's jobs per status (every status present, zero included)."""
+    counts = dict.fromkeys(JobStatus.values, 0)
+    rows = Job.objects.filter(tenant=tenant).values_list("status").annotate(n=Count("id"))
+    for status, n in rows.order_by():
+        counts[status] = n
+    return counts

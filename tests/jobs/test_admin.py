@@ -326,3 +326,16 @@ def test_revoke_action_revokes_keys(admin_client: Client, tenant: Tenant) -> Non
     assert live.revoked_at is not None
     assert api_key_authenticate(raw_key=live_raw) is None
     assert api_key_authenticate(raw_key=dead_raw) is None
+
+
+@pytest.mark.django_db(transaction=True)
+def test_tenant_changelist_shows_queue_depth(admin_client: Any, redis_prefix: str) -> None:
+    from jobs.services import JobSpec, job_enqueue_batch
+
+    tenant = Tenant.objects.create(id="deep")
+    job_enqueue_batch(tenant=tenant, specs=[JobSpec(type="sleep", payload={"delayMs": 1})] * 3)
+    response = admin_client.get("/admin/jobs/tenant/")
+    assert response.status_code == 200
+    html = response.content.decode()
+    assert 'class="field-queue_ready">3<' in html
+    assert 'class="field-queue_delayed">0<' in html

@@ -394,3 +394,23 @@ def test_concurrent_requests_with_one_idempotency_key_create_one_job(api_key: st
     assert sorted(code for code, _ in results) == [200] * 7 + [201]
     assert len({job_id for _, job_id in results}) == 1
     assert Job.objects.count() == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_stats_show_the_tenants_queue_depth(
+    client: Client, api_key: str, other_api_key: str
+) -> None:
+    post(client, "/jobs/batch", {"jobs": [SLEEP] * 4}, api_key)
+    post(client, "/jobs", {**SLEEP, "delayMs": 60_000}, api_key)
+    post(client, "/jobs/batch", {"jobs": [SLEEP] * 7}, other_api_key)
+    Job.objects.filter(tenant_id="tenant-1").order_by("created_at").filter(
+        id__in=Job.objects.filter(tenant_id="tenant-1", run_at__lte=datetime.now(UTC)).values(
+            "id"
+        )[:1]
+    ).update(status=JobStatus.RUNNING)
+    body = get(client, "/stats", api_key).json()
+    assert body["tenantId"] == "tenant-1"
+    assert body["queue"] == {"ready": 4, "delayed": 1, "running": 1}
+    assert body["jobs"]["PENDING"] == 4 and body["jobs"]["RUNNING"] == 1
+    assert body["jobs"]["COMPLETED"] == 0
+    assert get(client, "/stats", other_api_key).json()["queue"]["ready"] == 7
