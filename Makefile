@@ -26,3 +26,7 @@ lint:
 
 format:
 	@$(UV) run ruff check --fix . && $(UV) run ruff format .
+
+bench: install
+	@cd bench && DATABASE_URL="$${DATABASE_URL:-$(TEST_DATABASE_URL)}" REDIS_URL="$${REDIS_URL:-$(TEST_REDIS_URL)}" \
+		$(UV) run python fairness.py $(BENCH_ARGS)

@@ -15,7 +15,7 @@ BASE_DIR = Path(__file__).resolve().parent.parent
 # Local state of a development run (embedded SQLite, private Redis, demo key); never committed.
 VAR_DIR = Path(env_str("JOBS_VAR_DIR", str(BASE_DIR / "var"))).resolve()
 
-TESTING = "pytest" in sys.modules or env_bool("JOBS_TESTING", False)
+TESTING = "pytest" in sys.modules
 DEBUG = env_bool("DEBUG", False)
 
 SECRET_KEY = env_str("SECRET_KEY")

@@ -12,6 +12,7 @@ from ninja.security import HttpBearer
 
 from jobs import selectors, services
 from jobs.models import Job, Tenant
+from jobs.ratelimit import check_rate_limit
 from jobs.schemas import (
     BatchCreatedOut,
     ErrorOut,
@@ -43,7 +44,15 @@ class ApiKeyAuth(HttpBearer):
 
 
 router = Router(auth=ApiKeyAuth(), by_alias=True, tags=["jobs"])
-ERRORS = {400: ErrorOut, 401: ErrorOut, 403: ErrorOut, 413: ErrorOut, 503: ErrorOut}
+ERRORS = {
+    400: ErrorOut,
+    401: ErrorOut,
+    403: ErrorOut,
+    413: ErrorOut,
+    415: ErrorOut,
+    429: ErrorOut,
+    503: ErrorOut,
+}
 
 
 @router.post("/jobs", response={200: JobCreatedOut, 201: JobCreatedOut, 409: ErrorOut, **ERRORS})
@@ -55,6 +64,7 @@ def create_job(
     """Create one job. Repeating an `Idempotency-Key` returns the original job (200)."""
     tenant: Tenant = request.auth
     check_tenant(tenant, data.tenant_id)
+    check_rate_limit(tenant=tenant, jobs=1)
     job, created = services.job_enqueue(
         tenant=tenant, spec=job_spec(data), idempotency_key=idempotency_key or None
     )
@@ -66,6 +76,7 @@ def create_jobs_batch(request: HttpRequest, data: JobBatchIn) -> Status[dict]:
     """Create up to 1,000 jobs atomically: all are valid and created, or none is."""
     tenant: Tenant = request.auth
     check_tenant(tenant, data.tenant_id)
+    check_rate_limit(tenant=tenant, jobs=len(data.jobs))
     specs = []
     for index, item in enumerate(data.jobs):
         check_tenant(tenant, item.tenant_id)

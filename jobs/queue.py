@@ -14,6 +14,7 @@ Key layout (P is `JOBS_REDIS_PREFIX`), documented in docs/architecture.md:
     P:wake                LIST  wake-up tokens for idle workers (BLPOP)
     P:cancel              pub/sub channel: ids of RUNNING jobs to cancel
     P:lock:{name}         STRING short-lived locks (reconciliation)
+    P:rate:{tenant}       STRING rate limit state (GCRA arrival time), expires when idle
 
 Every method returns what the redis client returns: a value for `redis.Redis`, an awaitable for
 `redis.asyncio.Redis`, so the API (sync) and the worker (async) share one implementation.
@@ -94,6 +95,7 @@ class Queue:
         self._release = client.register_script(_lua("release"))
         self._requeue = client.register_script(_lua("requeue"))
         self._remove = client.register_script(_lua("remove"))
+        self._rate_limit = client.register_script(_lua("rate_limit"))
 
     # --- keys ---------------------------------------------------------------------------------
     def key(self, *parts: str) -> str:
@@ -125,6 +127,10 @@ class Queue:
         for entry in entries:
             args.extend((entry.tenant, entry.job_id, entry.score))
         return self._remove(keys=[], args=args)
+
+    def rate_limit(self, *, tenant: str, rate: int, burst: int, cost: int) -> Any:
+        """GCRA for job creation: returns [allowed (1/0), ms until `cost` would be allowed]."""
+        return self._rate_limit(keys=[], args=[self.prefix, tenant, rate, burst, cost])
 
     def publish_cancel(self, job_id: str) -> Any:
         return self.client.publish(self.cancel_channel, job_id)

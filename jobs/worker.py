@@ -83,13 +83,19 @@ class WorkerOptions:
 class Worker:
     """Runs jobs until stopped (SIGTERM/SIGINT), or until idle with `burst`."""
 
-    def __init__(self, options: WorkerOptions, *, redis_client: aioredis.Redis | None = None):
+    def __init__(
+        self,
+        options: WorkerOptions,
+        *,
+        redis_client: aioredis.Redis | None = None,
+        queue_class: type[Queue] = Queue,
+    ):
         self.options = options
         self.name = options.name
         self.redis = redis_client or aioredis.Redis.from_url(
             settings.REDIS_URL, socket_timeout=None, socket_connect_timeout=5
         )
-        self.queue = Queue(self.redis)
+        self.queue = queue_class(self.redis)
         self.store = JobStore(threads=min(8, max(2, options.concurrency // 4 + 2)))
         self.lease_s: int = settings.JOBS["LEASE_S"]
         self.reconcile_interval_s: int = settings.JOBS["RECONCILE_INTERVAL_S"]

@@ -147,6 +147,8 @@ class TenantOrStaffAuthMiddleware(BaseMiddleware):
             logger.info("websocket refused: no valid credentials client=%s", client)
             return await deny_connection(scope, receive, send)
         scope["tenant"] = tenant
+        # Kept so the consumer can re-check it while the socket stays open (revocation).
+        scope["api_key"] = raw_key if tenant is not None else None
         return await self.inner(scope, receive, send)
 
 

@@ -30,6 +30,7 @@ from django.utils.dateparse import parse_datetime
 
 from jobs.models import TENANT_ID_PATTERN, Tenant
 from jobs.selectors import job_updated_since
+from jobs.services import api_key_authenticate
 from realtime.auth import is_staff_user
 from realtime.broadcast import iso, job_update_message, tenant_group
 
@@ -38,6 +39,7 @@ logger = logging.getLogger(__name__)
 # RFC 6455's 1008/1009 are reserved to the server itself under Daphne (autobahn refuses them).
 CLOSE_POLICY_VIOLATION = 4008
 CLOSE_MESSAGE_TOO_BIG = 4009
+CLOSE_CREDENTIALS_REVOKED = 4001
 UPDATES_DROPPED = "updates dropped, resubscribe with since"
 REPLAY_TRUNCATED = "replay truncated, resubscribe with since"
 TENANT_ID_RE = re.compile(TENANT_ID_PATTERN)
@@ -113,6 +115,9 @@ class JobUpdatesConsumer(AsyncJsonWebsocketConsumer):
     rate_per_second = 50.0
     rate_burst = 100
     max_subscriptions = 100
+    # An open socket re-checks its API key this often, so a revoked key or a deactivated tenant
+    # stops receiving updates within that time.
+    recheck_credentials_s = 5.0
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -121,6 +126,7 @@ class JobUpdatesConsumer(AsyncJsonWebsocketConsumer):
         self.bucket = TokenBucket(rate=self.rate_per_second, burst=self.rate_burst)
         self.closing = False
         self.drop_reported = False
+        self.credentials_checked_at = time.monotonic()
 
     # --- identity ---------------------------------------------------------------------------
     @property
@@ -332,10 +338,24 @@ class JobUpdatesConsumer(AsyncJsonWebsocketConsumer):
         if tenant_id not in self.subscriptions:
             # Queued before UNSUBSCRIBE, or a stray message: never leak another tenant's update.
             return
+        if not await self._credentials_still_valid():
+            return
         await self._report_dropped_updates()
         if self._older_than_replay(tenant_id, update):
             return
         await self.send_json(update)
+
+    async def _credentials_still_valid(self) -> bool:
+        """Re-check an API key at most every `recheck_credentials_s`; close if it was revoked."""
+        raw_key = self.scope.get("api_key")
+        now = time.monotonic()
+        if raw_key is None or now - self.credentials_checked_at < self.recheck_credentials_s:
+            return True
+        self.credentials_checked_at = now
+        if await database_sync_to_async(api_key_authenticate)(raw_key=raw_key) is not None:
+            return True
+        await self.close_with(CLOSE_CREDENTIALS_REVOKED, "API key revoked or tenant inactive")
+        return False
 
     def _older_than_replay(self, tenant_id: str, update: dict[str, Any]) -> bool:
         replay = self.replays.get(tenant_id)

@@ -404,9 +404,9 @@ def test_stats_show_the_tenants_queue_depth(
     post(client, "/jobs", {**SLEEP, "delayMs": 60_000}, api_key)
     post(client, "/jobs/batch", {"jobs": [SLEEP] * 7}, other_api_key)
     Job.objects.filter(tenant_id="tenant-1").order_by("created_at").filter(
-        id__in=Job.objects.filter(tenant_id="tenant-1", run_at__lte=datetime.now(UTC)).values(
-            "id"
-        )[:1]
+        id__in=Job.objects.filter(tenant_id="tenant-1", run_at__lte=datetime.now(UTC)).values("id")[
+            :1
+        ]
     ).update(status=JobStatus.RUNNING)
     body = get(client, "/stats", api_key).json()
     assert body["tenantId"] == "tenant-1"

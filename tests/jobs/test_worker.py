@@ -16,8 +16,10 @@ from channels.layers import get_channel_layer
 from django.core import mail
 from django.db import connection
 from django.utils import timezone
+from pydantic import BaseModel
 
 from jobs import store
+from jobs.handlers import register
 from jobs.models import Job, JobStatus, Tenant
 from jobs.queue import entry_for, sync_queue
 from jobs.services import JobSpec, job_cancel, job_enqueue
@@ -328,3 +330,46 @@ def test_cold_stop_before_jobs_start_still_puts_them_back(tenant: Tenant) -> Non
     for job in jobs:
         job.refresh_from_db()
         assert job.status == JobStatus.PENDING and job.attempts == 0
+
+
+class BlockingPayload(BaseModel):
+    seconds: float
+
+
+@register("test_blocking", schema=BlockingPayload, timeout_s=30)
+def blocking_handler(payload: BlockingPayload, ctx: Any) -> dict:
+    # Blocks its thread the way a CPU-bound or blocking-I/O handler would.
+    time.sleep(payload.seconds)
+    return {"blocked": payload.seconds}
+
+
+def test_blocking_handler_does_not_stall_heartbeats(tenant: Tenant) -> None:
+    # Lease 2 s, handler blocking 3.5 s: only heartbeats renewing the lease keep the job from
+    # being recovered by the worker's own recovery loop and run a second time.
+    job = enqueue(tenant, "test_blocking", {"seconds": 3.5})
+    run_burst()
+    job.refresh_from_db()
+    assert job.status == JobStatus.COMPLETED
+    assert job.attempts == 1 and job.error is None
+
+
+def test_cancelled_pending_job_never_runs(tenant: Tenant, redis_client: Any) -> None:
+    job = enqueue(tenant, "sleep", {"delayMs": 0})
+    later = enqueue(tenant, "sleep", {"delayMs": 0}, run_at=timezone.now() + timedelta(hours=1))
+    job_cancel(tenant=tenant, job_id=job.id)
+    job_cancel(tenant=tenant, job_id=later.id)
+    queue = sync_queue()
+    assert redis_client.zcard(queue.key("ready", tenant.id)) == 0
+    assert redis_client.zcard(queue.key("delayed")) == 0
+    run_burst()
+    for cancelled in (job, later):
+        cancelled.refresh_from_db()
+        assert cancelled.status == JobStatus.CANCELLED
+        assert cancelled.started_at is None and cancelled.attempts == 0
+
+
+def test_max_memory_recycles_the_worker(tenant: Tenant) -> None:
+    jobs = [enqueue(tenant, "sleep", {"delayMs": 0}) for _ in range(4)]
+    run_burst(concurrency=1, max_memory_mb=1, burst=False)
+    statuses = [Job.objects.get(id=j.id).status for j in jobs]
+    assert statuses.count(JobStatus.COMPLETED) == 1

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import redis.asyncio
+from channels.db import database_sync_to_async
 from django.conf import settings as django_settings
 from django.utils import timezone
 
@@ -383,3 +384,19 @@ async def test_subscription_limit(
         await expect_error(
             comm, {"type": "SUBSCRIBE", "tenantId": "tenant-2"}, "too many subscriptions"
         )
+
+
+async def test_revoked_key_stops_an_open_socket(
+    api_key: str, tenant: Tenant, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from jobs.services import api_key_revoke
+
+    monkeypatch.setattr(JobUpdatesConsumer, "recheck_credentials_s", 0.0)
+    async with open_ws(token=api_key) as comm:
+        await subscribe(comm, "tenant-1")
+        first = await create_and_broadcast(tenant)
+        assert (await receive(comm))["jobId"] == str(first.id)
+        await database_sync_to_async(api_key_revoke)(prefix=api_key.split("_")[1])
+        await create_and_broadcast(tenant)
+        closed = await comm.receive_output(timeout=5)
+        assert closed["type"] == "websocket.close" and closed["code"] == 4001
