@@ -64,10 +64,14 @@ def create_job(
     """Create one job. Repeating an `Idempotency-Key` returns the original job (200)."""
     tenant: Tenant = request.auth
     check_tenant(tenant, data.tenant_id)
-    check_rate_limit(tenant=tenant, jobs=1)
-    job, created = services.job_enqueue(
-        tenant=tenant, spec=job_spec(data), idempotency_key=idempotency_key or None
-    )
+    spec = job_spec(data)
+    idempotency_key = idempotency_key or None
+    if idempotency_key is None or not selectors.idempotent_job_exists(
+        tenant=tenant, idempotency_key=idempotency_key
+    ):
+        # A replay of an earlier request creates nothing, so it spends no token.
+        check_rate_limit(tenant=tenant, jobs=1)
+    job, created = services.job_enqueue(tenant=tenant, spec=spec, idempotency_key=idempotency_key)
     return Status(201 if created else 200, job)
 
 
@@ -76,11 +80,11 @@ def create_jobs_batch(request: HttpRequest, data: JobBatchIn) -> Status[dict]:
     """Create up to 1,000 jobs atomically: all are valid and created, or none is."""
     tenant: Tenant = request.auth
     check_tenant(tenant, data.tenant_id)
-    check_rate_limit(tenant=tenant, jobs=len(data.jobs))
     specs = []
     for index, item in enumerate(data.jobs):
         check_tenant(tenant, item.tenant_id)
         specs.append(job_spec(item, loc=("jobs", index)))
+    check_rate_limit(tenant=tenant, jobs=len(specs))
     jobs = services.job_enqueue_batch(tenant=tenant, specs=specs)
     return Status(201, {"job_ids": [job.id for job in jobs]})
 

@@ -6,13 +6,14 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 
+import redis
 from django.conf import settings
 from django.db.models import Count
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from jobs.models import Job, JobStatus
+from jobs.models import Job
 from jobs.queue import sync_queue
 
 
@@ -23,23 +24,27 @@ class JobQueueCollector(Collector):
         jobs = GaugeMetricFamily(
             "jobqueue_jobs", "Jobs in the database by status and type", labels=["status", "type"]
         )
-        counts = {status: 0 for status in JobStatus.values}
         for row in Job.objects.values("status", "type").annotate(n=Count("id")).order_by():
             jobs.add_metric([row["status"], row["type"]], row["n"])
-            counts[row["status"]] += row["n"]
         yield jobs
 
         queue = sync_queue()
         client = queue.client
-        tenants = [t.decode() for t in client.smembers(queue.key("active"))]
-        pipe = client.pipeline(transaction=False)
-        for tenant in tenants:
-            pipe.zcard(queue.key("ready", tenant))
-        pipe.zcard(queue.key("delayed"))
-        pipe.hvals(queue.key("running"))
-        cutoff = int((time.time() - settings.JOBS["LEASE_S"]) * 1000)
-        pipe.zcount(queue.workers_key, cutoff, "+inf")
-        *ready, delayed, running, workers = pipe.execute()
+        try:
+            tenants = [t.decode() for t in client.smembers(queue.key("active"))]
+            pipe = client.pipeline(transaction=False)
+            for tenant in tenants:
+                pipe.zcard(queue.key("ready", tenant))
+            pipe.zcard(queue.key("delayed"))
+            pipe.hvals(queue.key("running"))
+            cutoff = int((time.time() - settings.JOBS["LEASE_S"]) * 1000)
+            pipe.zcount(queue.workers_key, cutoff, "+inf")
+            *ready, delayed, running, workers = pipe.execute()
+        except redis.RedisError:
+            # The database figures above still go out; the queue's are unknown while Redis is.
+            yield GaugeMetricFamily("jobqueue_redis_up", "Redis answered this scrape", value=0)
+            return
+        yield GaugeMetricFamily("jobqueue_redis_up", "Redis answered this scrape", value=1)
 
         depth = GaugeMetricFamily(
             "jobqueue_queue_depth", "Jobs in the Redis queue by state", labels=["state"]

@@ -32,8 +32,9 @@ def check_rate_limit(*, tenant: Tenant, jobs: int) -> None:
         return
     burst = max(1, rate)
     if jobs > burst:
+        # It could never pass: waiting does not help, so this is not a 429.
         raise ApiError(
-            429,
+            413,
             "Batch larger than the tenant's rate limit allows at once",
             {"jobs": jobs, "burst": burst, "ratePerSecond": rate},
         )

@@ -7,7 +7,14 @@ from typing import Annotated, Any, Literal
 from uuid import UUID
 
 from ninja import Schema
-from pydantic import AwareDatetime, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import (
+    AwareDatetime,
+    ConfigDict,
+    Field,
+    StrictInt,
+    StringConstraints,
+    model_validator,
+)
 from pydantic.alias_generators import to_camel
 
 from jobs.models import PRIORITY_MAX, PRIORITY_MIN, TENANT_ID_PATTERN
@@ -35,11 +42,12 @@ class JobIn(CamelSchema):
     tenant_id: TenantId | None = None
     type: JobType
     payload: dict[str, Any]
-    priority: int = Field(0, ge=PRIORITY_MIN, le=PRIORITY_MAX)
+    # Strict: a JSON true or "5" is not a number here.
+    priority: StrictInt = Field(0, ge=PRIORITY_MIN, le=PRIORITY_MAX)
     run_at: AwareDatetime | None = None
-    delay_ms: int | None = Field(None, ge=0, le=MAX_DELAY_MS)
-    max_attempts: int = Field(3, ge=1, le=MAX_ATTEMPTS)
-    timeout_ms: int | None = Field(None, ge=1, le=MAX_TIMEOUT_MS)
+    delay_ms: StrictInt | None = Field(None, ge=0, le=MAX_DELAY_MS)
+    max_attempts: StrictInt = Field(3, ge=1, le=MAX_ATTEMPTS)
+    timeout_ms: StrictInt | None = Field(None, ge=1, le=MAX_TIMEOUT_MS)
 
     @model_validator(mode="after")
     def _one_schedule(self) -> JobIn:

@@ -6,7 +6,7 @@ import logging
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from django.db.models import Count, QuerySet
 from django.utils import timezone
@@ -16,6 +16,8 @@ from jobs.models import Job, JobStatus, Tenant
 from jobs.queue import sync_queue
 
 logger = logging.getLogger(__name__)
+
+IDEMPOTENCY_WINDOW = timedelta(hours=24)
 
 
 def job_list(
@@ -98,3 +100,12 @@ def job_counts_by_status(*, tenant: Tenant) -> dict[str, int]:
     for status, n in rows.order_by():
         counts[status] = n
     return counts
+
+
+def idempotent_job_exists(*, tenant: Tenant, idempotency_key: str) -> bool:
+    """Whether a job created with this key in the last 24 hours exists (a replay)."""
+    return Job.objects.filter(
+        tenant=tenant,
+        idempotency_key=idempotency_key,
+        created_at__gte=timezone.now() - IDEMPOTENCY_WINDOW,
+    ).exists()

@@ -22,12 +22,12 @@ from django.utils import timezone
 from jobs.errors import ApiError, Conflict, NotFound
 from jobs.models import ApiKey, Job, JobStatus, Tenant
 from jobs.queue import entry_for, sync_queue
+from jobs.selectors import IDEMPOTENCY_WINDOW
 from realtime.broadcast import broadcast
 
 logger = logging.getLogger(__name__)
 
 API_KEY_PREFIX_BYTES = 6  # 12 hex characters identify a key without revealing it
-IDEMPOTENCY_WINDOW = timedelta(hours=24)
 LAST_USED_RESOLUTION = timedelta(minutes=1)
 
 
@@ -118,6 +118,8 @@ class JobSpec:
     run_at: datetime | None = None
     max_attempts: int = 3
     timeout_ms: int | None = None
+    # As the client asked: a relative delay is part of the request, its run_at is not.
+    delay_ms: int | None = None
 
     def request_hash(self) -> str:
         body = {
@@ -126,6 +128,10 @@ class JobSpec:
             "priority": self.priority,
             "maxAttempts": self.max_attempts,
             "timeoutMs": self.timeout_ms,
+            "delayMs": self.delay_ms,
+            "runAt": None
+            if self.run_at is None or self.delay_ms is not None
+            else self.run_at.isoformat(),
         }
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
@@ -146,9 +152,10 @@ def push_to_queue(jobs: Sequence[Job]) -> None:
 
 def _after_commit(jobs: Sequence[Job], *, push: bool) -> None:
     def run() -> None:
+        # PENDING goes out before a worker can claim the job and announce RUNNING.
+        broadcast(jobs)
         if push:
             push_to_queue(jobs)
-        broadcast(jobs)
 
     transaction.on_commit(run)
 

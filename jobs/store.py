@@ -101,8 +101,8 @@ class JobStore:
         """Return a job the worker did not finish (shutdown) to PENDING, attempt not counted."""
         return await self.call(put_back_job, job=job)
 
-    async def heartbeat(self, *, worker: str) -> int:
-        return await self.call(renew_leases, worker=worker)
+    async def heartbeat(self, *, worker: str, job_ids: list[str]) -> int:
+        return await self.call(renew_leases, worker=worker, job_ids=job_ids)
 
     async def recover_expired(self, *, limit: int = 500) -> list[Job]:
         return await self.call(recover_expired_leases, limit=limit)
@@ -195,10 +195,12 @@ def put_back_job(*, job: Job) -> Job | None:
     return job
 
 
-def renew_leases(*, worker: str) -> int:
+def renew_leases(*, worker: str, job_ids: list[str]) -> int:
+    """Extend the leases of the jobs this worker is running now (and only those: a job whose
+    final write failed must expire and be recovered)."""
     now = timezone.now()
     return Job.objects.filter(
-        locked_by=worker, status=JobStatus.RUNNING, lease_token__isnull=False
+        id__in=job_ids, locked_by=worker, status=JobStatus.RUNNING, lease_token__isnull=False
     ).update(lease_expires_at=now + _lease())
 
 

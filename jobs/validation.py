@@ -74,4 +74,5 @@ def job_spec(job: JobIn, *, loc: tuple[Any, ...] = ()) -> JobSpec:
         run_at=run_at,
         max_attempts=job.max_attempts,
         timeout_ms=job.timeout_ms,
+        delay_ms=job.delay_ms,
     )

@@ -34,7 +34,6 @@ from realtime.broadcast import abroadcast
 logger = logging.getLogger("jobs.worker")
 
 RECONCILE_BATCH = 1000
-RECOVERY_LOCK = "recovery"
 RECONCILE_LOCK = "reconcile"
 MAX_BLOCK_S = 1.0
 
@@ -136,6 +135,8 @@ class Worker:
         delay = 0.1
         while not self._stop.is_set():
             try:
+                # Claims left under this name by an earlier process that died go back first.
+                await self.queue.requeue(worker=self.name)
                 await self._beat_redis()
                 await self.queue.replace_tenant_limits(await self.store.tenant_limits())
                 if self.options.burst:
@@ -210,7 +211,12 @@ class Worker:
         claimed = parse_claim(await self.queue.claim(worker=self.name, count=free))
         if not claimed.job_ids:
             return 0, claimed.next_due_ms
-        jobs = await self.store.claim(job_ids=claimed.job_ids, worker=self.name)
+        try:
+            jobs = await self.store.claim(job_ids=claimed.job_ids, worker=self.name)
+        except Exception:
+            # The ids must not stay claimed by us in Redis while the database is away.
+            await self.queue.requeue(worker=self.name, job_ids=claimed.job_ids)
+            raise
         missed = set(claimed.job_ids) - {str(job.id) for job in jobs}
         if missed:
             await self._handle_missed(missed)
@@ -328,7 +334,11 @@ class Worker:
             # else: cancelled through the API, which already wrote CANCELLED.
             if written is not None:
                 if written.status == JobStatus.PENDING:
-                    await self.queue.enqueue([entry_for(written)])
+                    try:
+                        await self.queue.enqueue([entry_for(written)])
+                    except Exception as exc:
+                        # Written PENDING in the database: reconciliation will queue it.
+                        self._log("retry not queued (%s)", exc, job=written, level=logging.WARNING)
                 await abroadcast([written])
                 self._log(
                     "%s in %.0f ms%s",
@@ -420,7 +430,7 @@ class Worker:
     async def _update_heartbeat(self) -> None:
         await self._beat_redis()
         if self._running:
-            await self.store.heartbeat(worker=self.name)
+            await self.store.heartbeat(worker=self.name, job_ids=list(self._running))
 
     async def _heartbeat_loop(self) -> None:
         interval = max(0.5, self.lease_s / 3)

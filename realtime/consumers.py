@@ -249,6 +249,10 @@ class JobUpdatesConsumer(AsyncJsonWebsocketConsumer):
         """Join a tenant's group, answer SUBSCRIBED, then replay the changes after `since`."""
         tenant_id = self._tenant_id(content)
         since = self._since(content)
+        # A revoked key must not get a replay from the database on an old socket.
+        self.credentials_checked_at = -self.recheck_credentials_s
+        if not await self._credentials_still_valid():
+            return
         await self._authorize(tenant_id)
         if tenant_id not in self.subscriptions and len(self.subscriptions) >= (
             self.max_subscriptions

@@ -54,6 +54,10 @@ def ensure_redis(children: list[subprocess.Popen]) -> None:
     if redis_answers(url):
         say(f"Redis: {url}")
         return
+    if "REDIS_URL" in os.environ:
+        say(f"No Redis answers at REDIS_URL={url}. Start it, or unset REDIS_URL to let")
+        say("`make run` use a local one (or start a private redis-server under var/).")
+        sys.exit(1)
     server = shutil.which("redis-server")
     if server is None:
         say(f"No Redis answers at {url} and redis-server is not installed.")
@@ -79,6 +83,8 @@ def ensure_redis(children: list[subprocess.Popen]) -> None:
                 "--logfile",
                 str(VAR / "redis" / "redis.log"),
             ],
+            # Stopped by run.py after the worker, not by the terminal's Ctrl-C.
+            start_new_session=True,
         )
     )
     url = f"redis://127.0.0.1:{port}/0"
@@ -162,12 +168,14 @@ def main() -> int:
                     "config.asgi:application",
                 ],
                 cwd=ROOT,
+                start_new_session=True,
             )
         )
         children.append(
             subprocess.Popen(
                 [sys.executable, str(ROOT / "manage.py"), "runworker_jobs", "--concurrency", "10"],
                 cwd=ROOT,
+                start_new_session=True,
             )
         )
         stopping = False

@@ -58,6 +58,11 @@ def register(
     return decorator
 
 
+def unregister(job_type: str) -> None:
+    """Remove a job type (for tests and plugins that register types of their own)."""
+    _REGISTRY.pop(job_type, None)
+
+
 def get_handler(job_type: str) -> HandlerSpec | None:
     return _REGISTRY.get(job_type)
 
@@ -82,5 +87,6 @@ __all__ = [
     "get_handler",
     "register",
     "registered_types",
+    "unregister",
     "validate_payload",
 ]

@@ -207,6 +207,8 @@ def test_bad_list_query_is_400(client: Client, api_key: str, params: dict) -> No
         ({"type": "sleep", "payload": {"delayMs": 10**30}}, "payload.delayMs"),
         ({**SLEEP, "priority": 11}, "priority"),
         ({**SLEEP, "priority": 10**40}, "priority"),
+        ({**SLEEP, "priority": True}, "priority"),
+        ({**SLEEP, "maxAttempts": "3"}, "maxAttempts"),
         ({**SLEEP, "maxAttempts": 0}, "maxAttempts"),
         ({**SLEEP, "maxAttempts": 1000}, "maxAttempts"),
         ({**SLEEP, "delayMs": -5}, "delayMs"),
@@ -306,6 +308,8 @@ def test_idempotency_key_returns_original_or_409(client: Client, api_key: str) -
         client, "/jobs", {**SLEEP, "priority": 2}, api_key, **{"Idempotency-Key": "abc"}
     )
     assert_error(different, 409)
+    later = post(client, "/jobs", {**SLEEP, "delayMs": 5000}, api_key, **{"Idempotency-Key": "abc"})
+    assert_error(later, 409)
     assert Job.objects.count() == 1
 
 

@@ -48,7 +48,7 @@ def test_batch_counts_its_jobs(client: Client, api_key: str, tenant: Tenant) -> 
     tenant.save()
     assert post(client, "/jobs/batch", {"jobs": [SLEEP] * 8}, api_key).status_code == 201
     assert_error(post(client, "/jobs/batch", {"jobs": [SLEEP] * 5}, api_key), 429)
-    too_big = assert_error(post(client, "/jobs/batch", {"jobs": [SLEEP] * 11}, api_key), 429)
+    too_big = assert_error(post(client, "/jobs/batch", {"jobs": [SLEEP] * 11}, api_key), 413)
     assert too_big["details"]["burst"] == 10
     assert Job.objects.count() == 8
 

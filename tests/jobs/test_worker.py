@@ -19,7 +19,7 @@ from django.utils import timezone
 from pydantic import BaseModel
 
 from jobs import store
-from jobs.handlers import register
+from jobs.handlers.registry import register, unregister
 from jobs.models import Job, JobStatus, Tenant
 from jobs.queue import entry_for, sync_queue
 from jobs.services import JobSpec, job_cancel, job_enqueue
@@ -336,17 +336,23 @@ class BlockingPayload(BaseModel):
     seconds: float
 
 
-@register("test_blocking", schema=BlockingPayload, timeout_s=30)
 def blocking_handler(payload: BlockingPayload, ctx: Any) -> dict:
     # Blocks its thread the way a CPU-bound or blocking-I/O handler would.
     time.sleep(payload.seconds)
     return {"blocked": payload.seconds}
 
 
-def test_blocking_handler_does_not_stall_heartbeats(tenant: Tenant) -> None:
+@pytest.fixture
+def blocking_type() -> Iterator[str]:
+    register("test_blocking", schema=BlockingPayload, timeout_s=30)(blocking_handler)
+    yield "test_blocking"
+    unregister("test_blocking")
+
+
+def test_blocking_handler_does_not_stall_heartbeats(tenant: Tenant, blocking_type: str) -> None:
     # Lease 2 s, handler blocking 3.5 s: only heartbeats renewing the lease keep the job from
     # being recovered by the worker's own recovery loop and run a second time.
-    job = enqueue(tenant, "test_blocking", {"seconds": 3.5})
+    job = enqueue(tenant, blocking_type, {"seconds": 3.5})
     run_burst()
     job.refresh_from_db()
     assert job.status == JobStatus.COMPLETED
