@@ -184,7 +184,7 @@ class Worker:
                 await self._slot_freed.wait()
                 continue
             try:
-                started, next_due_ms = await self._claim_and_start(free)
+                handed_out, next_due_ms = await self._claim_and_start(free)
                 backoff = 0.1
             except Exception as exc:
                 self._log(
@@ -193,7 +193,8 @@ class Worker:
                 await self._sleep_unless_stopped(backoff)
                 backoff = min(backoff * 2, 5.0)
                 continue
-            if started:
+            if handed_out:
+                # Even if none of the ids could be claimed (stale duplicates), more may wait.
                 continue
             if self.options.burst:
                 due_soon = next_due_ms is not None and next_due_ms - time.time() * 1000 < 1000
@@ -208,6 +209,8 @@ class Worker:
             await self._wait_for_work(next_due_ms)
 
     async def _claim_and_start(self, free: int) -> tuple[int, int | None]:
+        """Claim up to `free` jobs and start them; returns how many ids Redis handed out (some
+        may have been stale) and when the next delayed job is due."""
         claimed = parse_claim(await self.queue.claim(worker=self.name, count=free))
         if not claimed.job_ids:
             return 0, claimed.next_due_ms
@@ -226,7 +229,7 @@ class Worker:
         for job in jobs:
             running = self._running[str(job.id)]
             running.task = asyncio.create_task(self._process_job(running), name=f"job-{job.id}")
-        return len(jobs), claimed.next_due_ms
+        return len(claimed.job_ids), claimed.next_due_ms
 
     async def _handle_missed(self, missed: set[str]) -> None:
         """Ids Redis handed out that the database did not let us claim: already taken,

@@ -379,3 +379,14 @@ def test_max_memory_recycles_the_worker(tenant: Tenant) -> None:
     run_burst(concurrency=1, max_memory_mb=1, burst=False)
     statuses = [Job.objects.get(id=j.id).status for j in jobs]
     assert statuses.count(JobStatus.COMPLETED) == 1
+
+
+def test_stale_ids_ahead_in_redis_do_not_end_a_burst_early(tenant: Tenant) -> None:
+    # Two finished jobs whose ids are still in Redis (e.g. pushed again by reconciliation),
+    # ahead of a runnable one: a claim that hands out only stale ids is not "queue empty".
+    stale = [enqueue(tenant, "sleep", {"delayMs": 0}) for _ in range(2)]
+    runnable = enqueue(tenant, "sleep", {"delayMs": 0})
+    Job.objects.filter(id__in=[j.id for j in stale]).update(status=JobStatus.COMPLETED)
+    run_burst(concurrency=2)
+    runnable.refresh_from_db()
+    assert runnable.status == JobStatus.COMPLETED
