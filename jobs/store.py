@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import random
 import threading
@@ -93,9 +94,10 @@ class JobStore:
         """Compare-and-set PENDING -> RUNNING for the due ones among `job_ids`."""
         return await self.call(claim_jobs, job_ids=job_ids, worker=worker)
 
-    async def finish(self, *, job: Job, outcome: Outcome) -> Job | None:
-        """Write the attempt's outcome; None if the lease was lost (nothing written)."""
-        return await self.call(finish_job, job=job, outcome=outcome)
+    async def finish_many(self, *, items: list[tuple[Job, Outcome]]) -> list[Job | None]:
+        """Write several attempts' outcomes in one transaction (one commit); None where the
+        lease was lost."""
+        return await self.call(finish_jobs, items=items)
 
     async def put_back(self, *, job: Job) -> Job | None:
         """Return a job the worker did not finish (shutdown) to PENDING, attempt not counted."""
@@ -127,6 +129,8 @@ def claim_jobs(*, job_ids: list[str], worker: str) -> list[Job]:
         return []
     token = uuid.uuid4()
     now = timezone.now()
+    if connection.vendor == "postgresql":
+        return _claim_in_one_statement(job_ids=job_ids, worker=worker, token=token, now=now)
     with transaction.atomic():
         updated = Job.objects.filter(
             id__in=job_ids, status=JobStatus.PENDING, run_at__lte=now + CLOCK_TOLERANCE
@@ -144,36 +148,114 @@ def claim_jobs(*, job_ids: list[str], worker: str) -> list[Job]:
         return list(Job.objects.filter(id__in=job_ids, lease_token=token))
 
 
+def _claim_in_one_statement(
+    *, job_ids: list[str], worker: str, token: uuid.UUID, now: datetime
+) -> list[Job]:
+    table = Job._meta.db_table
+    sql = f"""
+        UPDATE {table} SET
+            status = 'RUNNING', attempts = attempts + 1, locked_by = %s, lease_token = %s,
+            lease_expires_at = %s, started_at = %s, updated_at = %s
+        WHERE id = ANY(%s::uuid[]) AND status = 'PENDING' AND run_at <= %s
+        RETURNING *
+    """
+    params = [worker, token, now + _lease(), now, now, job_ids, now + CLOCK_TOLERANCE]
+    return list(Job.objects.raw(sql, params))
+
+
 def _fenced(job: Job) -> Any:
     return Job.objects.filter(id=job.id, lease_token=job.lease_token, status=JobStatus.RUNNING)
 
 
-def finish_job(*, job: Job, outcome: Outcome) -> Job | None:
-    now = timezone.now()
+def outcome_fields(*, job: Job, outcome: Outcome, now: datetime) -> dict[str, Any]:
+    """The columns an attempt's outcome writes: COMPLETED, FAILED, or PENDING for a retry."""
     fields: dict[str, Any] = {
         "updated_at": now,
         "lease_token": None,
         "lease_expires_at": None,
+        "finished_at": None,
+        "run_at": job.run_at,
     }
     if outcome.ok:
         fields.update(
             status=JobStatus.COMPLETED, result=outcome.result, error=None, finished_at=now
         )
     elif outcome.permanent or job.attempts >= job.max_attempts:
-        fields.update(status=JobStatus.FAILED, error=outcome.error, finished_at=now)
+        fields.update(status=JobStatus.FAILED, result=None, error=outcome.error, finished_at=now)
     else:
         delay = retry_delay(
             attempt=job.attempts,
             base_ms=settings.JOBS["RETRY_BASE_MS"],
             max_ms=settings.JOBS["RETRY_MAX_MS"],
         )
-        fields.update(status=JobStatus.PENDING, error=outcome.error, run_at=now + delay)
+        fields.update(
+            status=JobStatus.PENDING, result=None, error=outcome.error, run_at=now + delay
+        )
+    return fields
+
+
+def finish_job(*, job: Job, outcome: Outcome) -> Job | None:
+    """Write one attempt's outcome, fenced by its lease token; None if the lease was lost."""
+    return finish_jobs(items=[(job, outcome)])[0]
+
+
+def finish_jobs(*, items: list[tuple[Job, Outcome]]) -> list[Job | None]:
+    """Write many outcomes in one transaction, each fenced by its lease token. On PostgreSQL it
+    is one UPDATE ... FROM (VALUES ...) RETURNING statement."""
+    now = timezone.now()
+    planned = [(job, outcome_fields(job=job, outcome=outcome, now=now)) for job, outcome in items]
     with transaction.atomic():
-        if not _fenced(job).update(**fields):
-            return None
-    for name, value in fields.items():
-        setattr(job, name, value)
-    return job
+        if connection.vendor == "postgresql":
+            written_ids = _finish_in_one_statement(planned)
+        else:
+            written_ids = {job.id for job, fields in planned if _fenced(job).update(**fields)}
+    results: list[Job | None] = []
+    for job, fields in planned:
+        if job.id not in written_ids:
+            results.append(None)
+            continue
+        for name, value in fields.items():
+            setattr(job, name, value)
+        results.append(job)
+    return results
+
+
+def _finish_in_one_statement(planned: list[tuple[Job, dict[str, Any]]]) -> set[uuid.UUID]:
+    rows = ", ".join(
+        [
+            "(%s::uuid, %s::uuid, %s, %s::jsonb, %s, %s::timestamptz, %s::timestamptz, "
+            "%s::timestamptz)"
+        ]
+        * len(planned)
+    )
+    params: list[Any] = []
+    for job, fields in planned:
+        params.extend(
+            (
+                job.id,
+                job.lease_token,
+                fields["status"],
+                None if fields["result"] is None else json.dumps(fields["result"]),
+                fields["error"],
+                fields["finished_at"],
+                fields["run_at"],
+                fields["updated_at"],
+            )
+        )
+    table = Job._meta.db_table
+    sql = f"""
+        UPDATE {table} AS j SET
+            status = v.status, result = v.result, error = v.error,
+            finished_at = v.finished_at, run_at = v.run_at, updated_at = v.updated_at,
+            lease_token = NULL, lease_expires_at = NULL
+        FROM (VALUES {rows}) AS v(id, token, status, result, error, finished_at, run_at,
+                                  updated_at)
+        WHERE j.id = v.id AND j.lease_token = v.token AND j.status = 'RUNNING'
+        RETURNING j.id
+    """
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        return {row[0] for row in cursor.fetchall()}
 
 
 def put_back_job(*, job: Job) -> Job | None:
@@ -199,9 +281,20 @@ def renew_leases(*, worker: str, job_ids: list[str]) -> int:
     """Extend the leases of the jobs this worker is running now (and only those: a job whose
     final write failed must expire and be recovered)."""
     now = timezone.now()
-    return Job.objects.filter(
-        id__in=job_ids, locked_by=worker, status=JobStatus.RUNNING, lease_token__isnull=False
-    ).update(lease_expires_at=now + _lease())
+    with transaction.atomic():
+        # Rows locked by an outcome being written right now are skipped (they are finishing):
+        # waiting for them could deadlock against that batched write.
+        ids = list(
+            Job.objects.select_for_update(skip_locked=True)
+            .filter(
+                id__in=job_ids,
+                locked_by=worker,
+                status=JobStatus.RUNNING,
+                lease_token__isnull=False,
+            )
+            .values_list("id", flat=True)
+        )
+        return Job.objects.filter(id__in=ids).update(lease_expires_at=now + _lease())
 
 
 def recover_expired_leases(*, limit: int) -> list[Job]:

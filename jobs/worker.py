@@ -34,6 +34,9 @@ from realtime.broadcast import abroadcast
 logger = logging.getLogger("jobs.worker")
 
 RECONCILE_BATCH = 1000
+# Outcomes of jobs that finish close together are written in one transaction; a batch takes
+# whatever is waiting (no timer), so nothing waits for a batch to fill.
+MAX_WRITE_BATCH = 500
 RECONCILE_LOCK = "reconcile"
 MAX_BLOCK_S = 1.0
 
@@ -67,6 +70,15 @@ class RunningJob:
     cancel_requested: bool = False
     shutdown: bool = False
     persisting: bool = False
+
+
+@dataclass
+class PendingWrite:
+    """An attempt's outcome waiting for the next batched write."""
+
+    job: Job
+    outcome: Outcome
+    done: asyncio.Future[Job | None]
 
 
 @dataclass
@@ -105,6 +117,7 @@ class Worker:
         self._processed = 0
         self._background: list[asyncio.Task[None]] = []
         self._persisting: set[asyncio.Task[None]] = set()
+        self._writes: asyncio.Queue[PendingWrite] = asyncio.Queue()
 
     # --- lifecycle ----------------------------------------------------------------------------
     async def run(self) -> int:
@@ -115,6 +128,7 @@ class Worker:
             asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
             asyncio.create_task(self._maintenance_loop(), name="maintenance"),
             asyncio.create_task(self._cancel_listener(), name="cancel-listener"),
+            asyncio.create_task(self._write_outcomes_loop(), name="outcome-writer"),
         ]
         try:
             await self._fetch_and_process_jobs()
@@ -331,18 +345,18 @@ class Worker:
         try:
             written: Job | None = None
             if outcome is not None:
-                written = await self._with_db_retries(self.store.finish, job=job, outcome=outcome)
-            elif running.shutdown:
-                written = await self._with_db_retries(self.store.put_back, job=job)
-            # else: cancelled through the API, which already wrote CANCELLED.
+                # Batched with the outcomes of other jobs that finished meanwhile.
+                done: asyncio.Future[Job | None] = asyncio.get_running_loop().create_future()
+                self._writes.put_nowait(PendingWrite(job=job, outcome=outcome, done=done))
+                written = await done
+            else:
+                if running.shutdown:
+                    written = await self._with_db_retries(self.store.put_back, job=job)
+                    if written is not None:
+                        await self._after_write([written])
+                # else: cancelled through the API, which already wrote CANCELLED.
+                await self._release([job_id])
             if written is not None:
-                if written.status == JobStatus.PENDING:
-                    try:
-                        await self.queue.enqueue([entry_for(written)])
-                    except Exception as exc:
-                        # Written PENDING in the database: reconciliation will queue it.
-                        self._log("retry not queued (%s)", exc, job=written, level=logging.WARNING)
-                await abroadcast([written])
                 self._log(
                     "%s in %.0f ms%s",
                     written.status,
@@ -355,14 +369,54 @@ class Worker:
         except Exception:
             self._log("could not persist outcome", job=job, level=logging.ERROR, exc_info=True)
         finally:
-            try:
-                await self.queue.release(worker=self.name, job_ids=[job_id])
-            except Exception:
-                self._log("release in Redis failed", job=job, level=logging.WARNING, exc_info=True)
             self._running.pop(job_id, None)
             self._processed += 1
             self._slot_freed.set()
             self._check_recycle()
+
+    async def _write_outcomes_loop(self) -> None:
+        """Take every outcome waiting and write them together: one transaction, one Redis call
+        for the retries, one broadcast per tenant, one release."""
+        while True:
+            batch = [await self._writes.get()]
+            while len(batch) < MAX_WRITE_BATCH and not self._writes.empty():
+                batch.append(self._writes.get_nowait())
+            await self._write_outcomes(batch)
+
+    async def _write_outcomes(self, batch: list[PendingWrite]) -> None:
+        ids = [str(item.job.id) for item in batch]
+        try:
+            written = await self._with_db_retries(
+                self.store.finish_many, items=[(item.job, item.outcome) for item in batch]
+            )
+        except Exception as exc:
+            await self._release(ids)
+            for item in batch:
+                if not item.done.done():
+                    item.done.set_exception(exc)
+            return
+        await self._after_write([job for job in written if job is not None])
+        await self._release(ids)
+        for item, job in zip(batch, written, strict=True):
+            if not item.done.done():
+                item.done.set_result(job)
+
+    async def _after_write(self, jobs: list[Job]) -> None:
+        """After the database write: queue the retries, then broadcast every change."""
+        retries = [job for job in jobs if job.status == JobStatus.PENDING]
+        if retries:
+            try:
+                await self.queue.enqueue(entry_for(job) for job in retries)
+            except Exception as exc:
+                # Written PENDING in the database: reconciliation will queue them.
+                self._log("retries not queued (%s)", exc, level=logging.WARNING)
+        await abroadcast(jobs)
+
+    async def _release(self, job_ids: list[str]) -> None:
+        try:
+            await self.queue.release(worker=self.name, job_ids=job_ids)
+        except Exception as exc:
+            self._log("release in Redis failed (%s)", exc, level=logging.WARNING)
 
     async def _with_db_retries(self, fn, **kwargs):  # type: ignore[no-untyped-def]
         """Retry a fenced write while the database is unreachable, up to about one lease."""

@@ -46,20 +46,25 @@ def job_update_message(job: Job) -> dict[str, Any]:
 
 
 async def abroadcast(jobs: Iterable[Job]) -> None:
-    """Send each job's JOB_UPDATE to its tenant's group, in the given order."""
+    """Send the jobs' JOB_UPDATE frames to their tenants' groups: one channel-layer message
+    per tenant carrying its updates in the given order (the consumer sends one frame each)."""
     layer = get_channel_layer()
     if layer is None:
         return
+    by_tenant: dict[str, list[dict[str, Any]]] = {}
     for job in jobs:
-        message = job_update_message(job)
+        by_tenant.setdefault(job.tenant_id, []).append(job_update_message(job))
+    for tenant, updates in by_tenant.items():
         try:
             await layer.group_send(
-                tenant_group(job.tenant_id), {"type": JOB_UPDATE_EVENT, "update": message}
+                tenant_group(tenant), {"type": JOB_UPDATE_EVENT, "updates": updates}
             )
         except Exception:
             # The database holds the state; a subscriber can catch up with SUBSCRIBE since.
             logger.exception(
-                "broadcast failed job_id=%s tenant=%s status=%s", job.id, job.tenant_id, job.status
+                "broadcast failed tenant=%s job_ids=%s",
+                tenant,
+                ",".join(u["jobId"] for u in updates[:10]),
             )
 
 

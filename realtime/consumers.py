@@ -331,10 +331,20 @@ class JobUpdatesConsumer(AsyncJsonWebsocketConsumer):
 
     # --- channel layer to client ------------------------------------------------------------
     async def job_update(self, event: dict[str, Any]) -> None:
-        """Forward a `job.update` event's JOB_UPDATE frame to a client subscribed to its tenant."""
-        if self.closing:
+        """Forward a `job.update` event's JOB_UPDATE frames (`updates`, in order, or a single
+        `update`) to a client subscribed to their tenant."""
+        updates = event.get("updates")
+        if updates is None:
+            updates = [event.get("update")]
+        if not isinstance(updates, list):
+            logger.warning("malformed job.update event ignored %s", self.identity)
             return
-        update = event.get("update")
+        for update in updates:
+            if self.closing:
+                return
+            await self._forward_update(update)
+
+    async def _forward_update(self, update: Any) -> None:
         if not isinstance(update, dict):
             logger.warning("malformed job.update event ignored %s", self.identity)
             return

@@ -232,7 +232,7 @@ def test_every_state_change_is_broadcast_in_order(tenant: Tenant) -> None:
                 message = await asyncio.wait_for(layer.receive(channel), timeout=0.5)
             except TimeoutError:
                 return updates
-            updates.append(message["update"])
+            updates.extend(message["updates"])
 
     updates = asyncio.run(scenario())
     mine = [u for u in updates if u["jobId"] == str(job.id)]

@@ -41,7 +41,7 @@ def listen_to_tenant(tenant_id: str) -> Iterator[UpdateListener]:
             except TimeoutError:
                 continue
             with listener.lock:
-                listener.updates.append(message["update"])
+                listener.updates.extend(message["updates"])
         await layer.group_discard(tenant_group(tenant_id), channel)
 
     thread = threading.Thread(target=asyncio.run, args=(run(),), daemon=True)
