@@ -10,6 +10,7 @@ import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
 from config.env import env_bool, env_int, env_list, env_str, parse_email_url
+from config.logging import logging_config
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 # Local state of a development run (embedded SQLite, private Redis, demo key); never committed.
@@ -41,6 +42,7 @@ INSTALLED_APPS = [
     "ninja",
     "jobs",
     "realtime",
+    "dashboard",
 ]
 
 MIDDLEWARE = [
@@ -171,24 +173,10 @@ JOBS = {
     "SLEEP_MAX_MS": env_int("JOBS_SLEEP_MAX_MS", 600000, minimum=0),
     "TENANT_RATE_LIMIT": env_int("JOBS_TENANT_RATE_LIMIT", 0, minimum=0),
     "METRICS_TOKEN": env_str("JOBS_METRICS_TOKEN"),
-    "MAX_ATTEMPTS_LIMIT": 25,
-    "BATCH_MAX_JOBS": 1000,
     "SINCE_REPLAY_LIMIT": 1000,
 }
 
 LOG_LEVEL = env_str("LOG_LEVEL", "INFO").upper()
-LOGGING = {
-    "version": 1,
-    "disable_existing_loggers": False,
-    "formatters": {
-        "plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
-    },
-    "handlers": {
-        "console": {"class": "logging.StreamHandler", "formatter": "plain"},
-    },
-    "root": {"handlers": ["console"], "level": LOG_LEVEL},
-    "loggers": {
-        "django.server": {"level": "WARNING"},
-        "daphne": {"level": "WARNING"},
-    },
-}
+# `plain` for people, `json` (one object per line, `extra` fields as keys) for log shippers.
+LOG_FORMAT = env_str("LOG_FORMAT", "plain").strip().lower()
+LOGGING = logging_config(log_format=LOG_FORMAT, level=LOG_LEVEL)

@@ -1,14 +1,16 @@
-"""URLs: the REST API at the root (as the seed had it), the admin under /admin/."""
+"""URLs: the REST API at the root (as the seed had it), the admin under /admin/, the staff
+dashboard under /dashboard/."""
 
 from __future__ import annotations
 
 from django.contrib import admin
-from django.urls import path
+from django.urls import include, path
 
 from config.api import api
 
 urlpatterns = [
     path("admin/", admin.site.urls),
+    path("dashboard/", include("dashboard.urls")),
     path("", api.urls),
 ]
 

@@ -10,6 +10,7 @@ import contextlib
 import json
 import uuid
 from collections.abc import Callable, Sequence
+from datetime import datetime, timedelta
 from typing import Any
 
 from django.contrib import admin, messages
@@ -20,12 +21,15 @@ from django.db.models import Q, QuerySet
 from django.forms import ModelForm
 from django.http import HttpRequest
 from django.urls import reverse
+from django.utils import timezone
+from django.utils.formats import localize
 from django.utils.functional import cached_property
-from django.utils.html import format_html
+from django.utils.html import format_html, format_html_join
+from django.utils.http import urlencode
 from django.utils.safestring import SafeString
 
 from jobs.errors import ApiError
-from jobs.models import ApiKey, Job, Tenant
+from jobs.models import ApiKey, Job, JobStatus, Tenant
 from jobs.selectors import tenant_queue_depths
 from jobs.services import api_key_create, api_key_revoke, job_cancel, job_retry, tenant_save
 
@@ -54,6 +58,49 @@ class EstimatedCountPaginator(Paginator):
         return super().count
 
 
+def _when(value: datetime) -> str:
+    return localize(timezone.localtime(value))
+
+
+def _seconds_between(start: datetime, end: datetime) -> str:
+    return f"{max(0.0, (end - start).total_seconds()):.3f} s"
+
+
+def tenant_jobs_url(tenant_id: str, **filters: str) -> str:
+    """The job changelist filtered to one tenant (and optionally more `list_filter` params)."""
+    query = urlencode({"tenant__id__exact": tenant_id, **filters})
+    return f"{reverse('admin:jobs_job_changelist')}?{query}"
+
+
+def job_timeline(job: Job) -> list[tuple[str, str, str]]:
+    """A job's life as far as its row tells it: (event, time, detail), oldest first.
+
+    Only the latest attempt's start is stored; earlier attempts show in the attempt count and
+    the last error.
+    """
+    events = [("Created", _when(job.created_at), f"type {job.type}, priority {job.priority}")]
+    if job.run_at > job.created_at + timedelta(seconds=1) and job.status == JobStatus.PENDING:
+        events.append(("Runnable from", _when(job.run_at), "delayed or waiting to retry"))
+    if job.started_at is not None:
+        detail = f"attempt {job.attempts} of {job.max_attempts}"
+        if job.locked_by:
+            detail += f" on worker {job.locked_by}"
+        detail += f", {_seconds_between(job.created_at, job.started_at)} after creation"
+        events.append(("Started", _when(job.started_at), detail))
+    if job.error:
+        first_line = (job.error.strip().splitlines() or [""])[0]
+        # A RUNNING job's error is the previous attempt's (the current one has not ended).
+        attempt = job.attempts - 1 if job.status == JobStatus.RUNNING else job.attempts
+        events.append(("Last error", "", f"attempt {attempt}: {first_line[:200]}"))
+    if job.finished_at is not None:
+        detail = job.status
+        if job.started_at is not None and job.finished_at >= job.started_at:
+            detail += f" after {_seconds_between(job.started_at, job.finished_at)} running"
+        events.append(("Finished", _when(job.finished_at), detail))
+    events.append(("Status now", _when(job.updated_at), f"{job.status} (last update)"))
+    return events
+
+
 def _plural(count: int, word: str) -> str:
     return f"{count} {word}{'' if count == 1 else 's'}"
 
@@ -69,6 +116,7 @@ def pretty_json(value: Any) -> SafeString | None:
 # --- jobs ---------------------------------------------------------------------------------------
 JOB_FIELDSETS = (
     (None, {"fields": ("id", "tenant", "type", "status", "priority")}),
+    ("Timeline", {"fields": ("timeline",)}),
     ("Attempts", {"fields": ("attempts", "max_attempts", "timeout_ms")}),
     ("Data", {"fields": ("payload_pretty", "result_pretty", "error_pretty")}),
     ("Times", {"fields": ("run_at", "started_at", "finished_at", "created_at", "updated_at")}),
@@ -140,6 +188,15 @@ class JobAdmin(admin.ModelAdmin):
     def tenant_link(self, obj: Job) -> SafeString:
         url = reverse("admin:jobs_tenant_change", args=[quote(obj.tenant_id)])
         return format_html('<a href="{}">{}</a>', url, obj.tenant_id)
+
+    @admin.display(description="timeline")
+    def timeline(self, obj: Job) -> SafeString:
+        rows = format_html_join(
+            "",
+            '<tr><th scope="row">{}</th><td>{}</td><td>{}</td></tr>',
+            job_timeline(obj),
+        )
+        return format_html('<table class="job-timeline">{}</table>', rows)
 
     @admin.display(description="attempts")
     def attempts_display(self, obj: Job) -> str:
@@ -228,6 +285,7 @@ class TenantAdmin(admin.ModelAdmin):
         "queue_ready",
         "queue_delayed",
         "queue_running",
+        "jobs_link",
         "created_at",
     )
     list_filter = ("is_active",)
@@ -239,7 +297,7 @@ class TenantAdmin(admin.ModelAdmin):
         # The id is the tenant's identity on the wire and in Redis: set once, never renamed.
         if obj is None:
             return ("created_at",)
-        return ("id", "created_at")
+        return ("id", "created_at", "jobs_links")
 
     def get_changelist_instance(self, request: HttpRequest) -> Any:
         changelist = super().get_changelist_instance(request)
@@ -264,6 +322,21 @@ class TenantAdmin(admin.ModelAdmin):
     def queue_running(self, obj: Tenant) -> str:
         depth = getattr(obj, "queue_depth", None)
         return "?" if depth is None else str(depth.running)
+
+    @admin.display(description="jobs")
+    def jobs_link(self, obj: Tenant) -> SafeString:
+        return format_html('<a href="{}">jobs</a>', tenant_jobs_url(obj.id))
+
+    @admin.display(description="jobs")
+    def jobs_links(self, obj: Tenant) -> SafeString:
+        # Links only: counting a big tenant's jobs on every page view is not worth it.
+        links = [
+            ("All jobs", tenant_jobs_url(obj.id)),
+            ("Failed", tenant_jobs_url(obj.id, status__exact=JobStatus.FAILED)),
+            ("Running", tenant_jobs_url(obj.id, status__exact=JobStatus.RUNNING)),
+            ("Live dashboard", f"{reverse('dashboard:index')}?{urlencode({'tenant': obj.id})}"),
+        ]
+        return format_html_join(" | ", '<a href="{}">{}</a>', ((u, t) for t, u in links))
 
     def save_model(self, request: HttpRequest, obj: Tenant, form: Any, change: bool) -> None:
         tenant_save(tenant=obj)
