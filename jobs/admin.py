@@ -118,6 +118,7 @@ JOB_FIELDSETS = (
     (None, {"fields": ("id", "tenant", "type", "status", "priority")}),
     ("Timeline", {"fields": ("timeline",)}),
     ("Attempts", {"fields": ("attempts", "max_attempts", "timeout_ms")}),
+    ("Progress", {"fields": ("progress", "progress_message")}),
     ("Data", {"fields": ("payload_pretty", "result_pretty", "error_pretty")}),
     ("Times", {"fields": ("run_at", "started_at", "finished_at", "created_at", "updated_at")}),
     (
@@ -141,6 +142,7 @@ class JobAdmin(admin.ModelAdmin):
         "status",
         "priority",
         "attempts_display",
+        "progress",
         "created_at",
         "updated_at",
     )

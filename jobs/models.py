@@ -90,6 +90,9 @@ class Job(models.Model):
     timeout_ms = models.PositiveIntegerField(null=True, blank=True)
     error = models.TextField(null=True, blank=True)
     result = models.JSONField(null=True, blank=True)
+    # What the handler last reported during the current attempt (0-100 and a short note).
+    progress = models.PositiveSmallIntegerField(null=True, blank=True)
+    progress_message = models.CharField(max_length=200, null=True, blank=True)
     run_at = models.DateTimeField()
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)

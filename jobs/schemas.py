@@ -83,6 +83,8 @@ class JobOut(CamelSchema):
     timeout_ms: int | None
     error: str | None
     result: Any
+    progress: int | None
+    progress_message: str | None
     run_at: datetime
     started_at: datetime | None
     finished_at: datetime | None

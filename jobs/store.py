@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import json
 import logging
 import random
@@ -99,6 +100,10 @@ class JobStore:
         lease was lost."""
         return await self.call(finish_jobs, items=items)
 
+    async def set_progress(self, *, job: Job, percent: int, message: str | None) -> Job | None:
+        """Store the attempt's progress (fenced by its lease); None if the lease was lost."""
+        return await self.call(set_job_progress, job=job, percent=percent, message=message)
+
     async def put_back(self, *, job: Job) -> Job | None:
         """Return a job the worker did not finish (shutdown) to PENDING, attempt not counted."""
         return await self.call(put_back_job, job=job)
@@ -142,6 +147,8 @@ def claim_jobs(*, job_ids: list[str], worker: str) -> list[Job]:
             lease_expires_at=now + _lease(),
             started_at=now,
             updated_at=now,
+            progress=None,
+            progress_message=None,
         )
         if not updated:
             return []
@@ -155,7 +162,8 @@ def _claim_in_one_statement(
     sql = f"""
         UPDATE {table} SET
             status = 'RUNNING', attempts = attempts + 1, locked_by = %s, lease_token = %s,
-            lease_expires_at = %s, started_at = %s, updated_at = %s
+            lease_expires_at = %s, started_at = %s, updated_at = %s, progress = NULL,
+            progress_message = NULL
         WHERE id = ANY(%s::uuid[]) AND status = 'PENDING' AND run_at <= %s
         RETURNING *
     """
@@ -256,6 +264,18 @@ def _finish_in_one_statement(planned: list[tuple[Job, dict[str, Any]]]) -> set[u
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
         return {row[0] for row in cursor.fetchall()}
+
+
+def set_job_progress(*, job: Job, percent: int, message: str | None) -> Job | None:
+    now = timezone.now()
+    fields = {"progress": percent, "progress_message": message, "updated_at": now}
+    if not _fenced(job).update(**fields):
+        return None
+    # A copy: the worker's own object belongs to the event loop and the outcome write.
+    reported = copy.copy(job)
+    for name, value in fields.items():
+        setattr(reported, name, value)
+    return reported
 
 
 def put_back_job(*, job: Job) -> Job | None:

@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -37,6 +38,7 @@ RECONCILE_BATCH = 1000
 # Outcomes of jobs that finish close together are written in one transaction; a batch takes
 # whatever is waiting (no timer), so nothing waits for a batch to fill.
 MAX_WRITE_BATCH = 500
+PROGRESS_INTERVAL_S = 0.5
 RECONCILE_LOCK = "reconcile"
 MAX_BLOCK_S = 1.0
 
@@ -63,6 +65,61 @@ def error_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
 
 
+class ProgressReporter:
+    """Stores and broadcasts a running job's progress, at most once per PROGRESS_INTERVAL_S;
+    reports in between are coalesced (the latest wins). Safe to call from handler threads."""
+
+    def __init__(self, worker: Worker, job: Job) -> None:
+        self.worker = worker
+        self.job = job
+        self.loop = asyncio.get_running_loop()
+        self.loop_thread = threading.get_ident()
+        self.latest: tuple[int, str | None] | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.last_write = 0.0
+        self.closed = False
+
+    def report(self, percent: int, message: str | None) -> None:
+        if threading.get_ident() == self.loop_thread:
+            self._set(percent, message)
+        else:
+            self.loop.call_soon_threadsafe(self._set, percent, message)
+
+    def _set(self, percent: int, message: str | None) -> None:
+        if self.closed:
+            return
+        self.latest = (percent, message)
+        if self.task is None or self.task.done():
+            self.task = self.loop.create_task(self._write_latest())
+
+    async def _write_latest(self) -> None:
+        while self.latest is not None and not self.closed:
+            wait = self.last_write + PROGRESS_INTERVAL_S - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+                continue
+            percent, message = self.latest
+            self.latest = None
+            self.last_write = time.monotonic()
+            try:
+                written = await self.worker.store.set_progress(
+                    job=self.job, percent=percent, message=message
+                )
+                if written is not None:
+                    await abroadcast([written])
+            except Exception as exc:
+                self.worker._log(
+                    "progress not stored (%s)", exc, job=self.job, level=logging.WARNING
+                )
+
+    async def close(self) -> None:
+        """Stop before the outcome is written, so no progress frame follows the final one."""
+        self.closed = True
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+            await asyncio.gather(self.task, return_exceptions=True)
+
+
 @dataclass
 class RunningJob:
     job: Job
@@ -70,6 +127,7 @@ class RunningJob:
     cancel_requested: bool = False
     shutdown: bool = False
     persisting: bool = False
+    progress: ProgressReporter | None = None
 
 
 @dataclass
@@ -288,8 +346,9 @@ class Worker:
         job = running.job
         start = time.monotonic()
         outcome: Outcome | None = None
+        running.progress = ProgressReporter(self, job)
         try:
-            outcome = await self._execute(job)
+            outcome = await self._execute(job, running.progress)
         except asyncio.CancelledError:
             if not (running.cancel_requested or running.shutdown):
                 raise
@@ -301,7 +360,7 @@ class Worker:
             persist.add_done_callback(self._persisting.discard)
             await asyncio.shield(persist)
 
-    async def _execute(self, job: Job) -> Outcome:
+    async def _execute(self, job: Job, progress: ProgressReporter) -> Outcome:
         spec = get_handler(job.type)
         if spec is None:
             return Outcome(error=f"no handler registered for type {job.type!r}", permanent=True)
@@ -318,6 +377,7 @@ class Worker:
             type=job.type,
             attempt=job.attempts,
             max_attempts=job.max_attempts,
+            on_progress=progress.report,
         )
         try:
             async with asyncio.timeout(timeout):
@@ -343,6 +403,8 @@ class Worker:
         job_id = str(job.id)
         running.persisting = True
         try:
+            if running.progress is not None:
+                await running.progress.close()
             written: Job | None = None
             if outcome is not None:
                 # Batched with the outcomes of other jobs that finished meanwhile.
@@ -595,10 +657,15 @@ class Worker:
         level: int = logging.INFO,
         exc_info: bool = False,
     ) -> None:
-        context = f"worker={self.name}"
+        """Log with the worker's context, and the job's when there is one (`extra` fields:
+        top-level keys in JSON logs, a trailing `[key=value ...]` in plain ones)."""
+        context: dict[str, object] = {}
         if job is not None:
-            context = (
-                f"job_id={job.id} tenant={job.tenant_id} type={job.type} "
-                f"attempt={job.attempts} {context}"
-            )
-        logger.log(level, f"{msg} [{context}]", *args, exc_info=exc_info)
+            context = {
+                "job_id": str(job.id),
+                "tenant": job.tenant_id,
+                "job_type": job.type,
+                "attempt": job.attempts,
+            }
+        context["worker"] = self.name
+        logger.log(level, msg, *args, exc_info=exc_info, extra=context)

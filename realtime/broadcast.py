@@ -41,6 +41,8 @@ def job_update_message(job: Job) -> dict[str, Any]:
         "attempts": job.attempts,
         "error": job.error,
         "result": job.result,
+        "progress": job.progress,
+        "progressMessage": job.progress_message,
         "updatedAt": iso(job.updated_at),
     }
 

@@ -77,6 +77,10 @@ OPERATIONS: dict[str, Callable[[Sequence[float]], float | int]] = {
 }
 
 
+# Inputs this long report progress between operations.
+PROGRESS_FROM_VALUES = 100_000
+
+
 @register("data_processing", schema=DataProcessingPayload, timeout_s=60)
 def process_data(payload: DataProcessingPayload, ctx: JobContext) -> dict[str, float | int]:
     """Compute each requested operation; `{operation: value}` in the order asked.
@@ -85,7 +89,10 @@ def process_data(payload: DataProcessingPayload, ctx: JobContext) -> dict[str, f
     deviation (`statistics.pstdev`), not the sample one.
     """
     result: dict[str, float | int] = {}
-    for operation in payload.operations:
+    long_input = len(payload.values) >= PROGRESS_FROM_VALUES
+    for done, operation in enumerate(payload.operations):
+        if long_input:
+            ctx.report_progress(100 * done / len(payload.operations), f"computing {operation}")
         value = OPERATIONS[operation](payload.values)
         if not math.isfinite(value):
             # JSON has no infinity, and a retry would compute the same thing.

@@ -24,6 +24,14 @@ class JobContext:
     attempt: int
     max_attempts: int
     cancel_event: asyncio.Event | None = field(default=None, compare=False)
+    on_progress: Callable[[int, str | None], None] | None = field(default=None, compare=False)
+
+    def report_progress(self, percent: float, message: str | None = None) -> None:
+        """Report progress (0-100, and a short message); callable from the handler's thread or
+        coroutine. The worker stores and broadcasts it, at most a few times a second."""
+        if self.on_progress is not None:
+            clamped = max(0, min(100, int(percent)))
+            self.on_progress(clamped, message[:200] if message else None)
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,6 +12,7 @@ from jobs.handlers.registry import JobContext, register
 
 DEFAULT_SLEEP_MAX_MS = 600_000
 TIMEOUT_MARGIN_S = 30
+PROGRESS_FROM_MS = 2000
 
 
 def _sleep_max_ms() -> int:
@@ -45,6 +46,16 @@ _TIMEOUT_S = max(_sleep_max_ms(), DEFAULT_SLEEP_MAX_MS) / 1000 + TIMEOUT_MARGIN_
 
 @register("sleep", schema=SleepPayload, timeout_s=_TIMEOUT_S)
 async def sleep_for(payload: SleepPayload, ctx: JobContext) -> dict[str, int]:
-    """Wait `delayMs`; cancelling the task ends the wait at once. `{sleptMs}`."""
-    await asyncio.sleep(payload.delay_ms / 1000)
+    """Wait `delayMs`; cancelling the task ends the wait at once. `{sleptMs}`.
+
+    Long sleeps (from PROGRESS_FROM_MS) report their progress in tenths."""
+    if payload.delay_ms < PROGRESS_FROM_MS:
+        await asyncio.sleep(payload.delay_ms / 1000)
+        return {"sleptMs": payload.delay_ms}
+    step = payload.delay_ms / 10 / 1000
+    for tenth in range(1, 11):
+        await asyncio.sleep(step)
+        ctx.report_progress(
+            tenth * 10, f"slept {round(step * tenth * 1000)} of {payload.delay_ms} ms"
+        )
     return {"sleptMs": payload.delay_ms}

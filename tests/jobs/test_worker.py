@@ -390,3 +390,76 @@ def test_stale_ids_ahead_in_redis_do_not_end_a_burst_early(tenant: Tenant) -> No
     run_burst(concurrency=2)
     runnable.refresh_from_db()
     assert runnable.status == JobStatus.COMPLETED
+
+
+def collect_updates(tenant: Tenant, jobs: list[Job]) -> list[dict]:
+    """Run a burst worker while listening to the tenant's group; every update received."""
+
+    async def scenario() -> list[dict]:
+        layer = get_channel_layer()
+        channel = await layer.new_channel()
+        await layer.group_add(tenant_group(tenant.id), channel)
+        await asyncio.wait_for(make_worker().run(), timeout=60)
+        updates: list[dict] = []
+        while True:
+            try:
+                message = await asyncio.wait_for(layer.receive(channel), timeout=0.5)
+            except TimeoutError:
+                return updates
+            updates.extend(message["updates"])
+
+    ids = {str(job.id) for job in jobs}
+    return [u for u in asyncio.run(scenario()) if u["jobId"] in ids]
+
+
+def test_progress_is_stored_and_broadcast_in_order(tenant: Tenant) -> None:
+    job = enqueue(tenant, "sleep", {"delayMs": 2500})
+    updates = collect_updates(tenant, [job])
+    statuses = [u["status"] for u in updates]
+    assert statuses[0] == "RUNNING" and statuses[-1] == "COMPLETED"
+    assert statuses.count("COMPLETED") == 1
+    progress = [u["progress"] for u in updates[1:-1]]
+    assert len(progress) >= 3, updates
+    assert progress == sorted(progress) and all(0 < p <= 100 for p in progress)
+    assert all(u["status"] == "RUNNING" for u in updates[1:-1])
+    assert "of 2500 ms" in updates[-2]["progressMessage"]
+
+
+class ChattyPayload(BaseModel):
+    reports: int
+
+
+def chatty_handler(payload: ChattyPayload, ctx: Any) -> dict:
+    for i in range(payload.reports):
+        ctx.report_progress(100 * i / payload.reports, f"step {i}")
+        time.sleep(0.001)
+    return {"reports": payload.reports}
+
+
+def test_chatty_progress_is_rate_limited(tenant: Tenant) -> None:
+    register("test_chatty", schema=ChattyPayload, timeout_s=30)(chatty_handler)
+    try:
+        job = enqueue(tenant, "test_chatty", {"reports": 1000})
+        started = time.monotonic()
+        updates = collect_updates(tenant, [job])
+        elapsed = time.monotonic() - started
+    finally:
+        unregister("test_chatty")
+    progress_frames = [u for u in updates if u["status"] == "RUNNING" and u["progress"] is not None]
+    # 1,000 reports over about a second: at most one write per 0.5 s gets through.
+    assert 1 <= len(progress_frames) <= elapsed / 0.5 + 1, len(progress_frames)
+    assert updates[-1]["status"] == "COMPLETED"
+    job.refresh_from_db()
+    assert job.progress is not None and job.progress_message.startswith("step ")
+
+
+def test_worker_log_lines_carry_job_context(tenant: Tenant, caplog: Any) -> None:
+    job = enqueue(tenant, "sleep", {"delayMs": 0})
+    with caplog.at_level("INFO", logger="jobs.worker"):
+        worker = run_burst()
+    completed = [r for r in caplog.records if r.getMessage().startswith("COMPLETED")]
+    assert len(completed) == 1
+    record = completed[0]
+    assert record.job_id == str(job.id) and record.tenant == tenant.id
+    assert record.job_type == "sleep" and record.attempt == 1 and record.worker == worker.name
+    assert all(getattr(r, "worker", None) == worker.name for r in caplog.records)

@@ -114,6 +114,8 @@ async def test_job_update_arrives_with_all_fields(api_key: str, tenant: Tenant) 
             "attempts": 1,
             "error": None,
             "result": {"sleptMs": 0},
+            "progress": None,
+            "progressMessage": None,
             "updatedAt": iso(job.updated_at),
         }
 

@@ -204,7 +204,7 @@
   const seenUpdates = new Set();
 
   function addFeedRow(update) {
-    const key = `${update.jobId}|${update.updatedAt}|${update.status}`;
+    const key = `${update.jobId}|${update.updatedAt}|${update.status}|${update.progress}`;
     if (seenUpdates.has(key)) return; // a `since` replay may repeat a live update
     seenUpdates.add(key);
     const tenant = tenantInfo(update.tenantId);
@@ -216,9 +216,12 @@
       el("td", {}, jobLink(update.jobId)),
       el("td", {}, update.jobType),
       el("td", {}, el("span", { class: `badge status-${String(update.status).toLowerCase()}` },
-        update.status)),
+        update.status),
+        update.status === "RUNNING" && update.progress != null
+          ? el("span", { class: "dash-progress" }, ` ${update.progress}%`) : ""),
       el("td", { class: "num" }, update.attempts),
-      el("td", { class: "dash-feed-error", title: update.error || "" }, update.error || ""));
+      el("td", { class: "dash-feed-error", title: update.error || "" },
+        update.error || (update.status === "RUNNING" ? update.progressMessage || "" : "")));
     feed.prepend(row);
     while (feed.rows.length > config.feedLimit) {
       seenUpdates.delete(feed.lastElementChild.dataset.key);
