@@ -10,9 +10,15 @@ import redis
 from django.conf import settings
 from django.db.models import Count
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
+from jobs import events
 from jobs.models import Job
 from jobs.queue import sync_queue
 
@@ -20,7 +26,7 @@ from jobs.queue import sync_queue
 class JobQueueCollector(Collector):
     """Job counts by status and type, queue depth by state, workers alive."""
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[Metric]:
         jobs = GaugeMetricFamily(
             "jobqueue_jobs", "Jobs in the database by status and type", labels=["status", "type"]
         )
@@ -59,6 +65,57 @@ class JobQueueCollector(Collector):
         yield GaugeMetricFamily(
             "jobqueue_tenants_ready", "Tenants with runnable jobs", value=len(tenants)
         )
+        yield from self._events(client, queue.prefix)
+
+    def _events(self, client: redis.Redis, prefix: str) -> Iterator[Metric]:
+        """The counters and histograms every process adds to in Redis (jobs/events.py)."""
+        pipe = client.pipeline(transaction=False)
+        pipe.hgetall(f"{prefix}:metrics:events")
+        pipe.hgetall(f"{prefix}:metrics:duration")
+        pipe.hgetall(f"{prefix}:metrics:wait")
+        counts, durations, waits = pipe.execute()
+        families = {
+            event: CounterMetricFamily(
+                f"jobqueue_jobs_{event}",
+                f"Jobs {event}, by type and tenant",
+                labels=["type", "tenant"],
+            )
+            for event in events.EVENTS
+        }
+        for field, value in sorted(counts.items()):
+            event, job_type, tenant = field.decode().split("|", 2)
+            if event in families:
+                families[event].add_metric([job_type, tenant], int(value))
+        yield from families.values()
+        yield _histogram(
+            "jobqueue_job_duration_seconds", "Time from start to outcome, by type", durations
+        )
+        yield _histogram(
+            "jobqueue_job_queue_wait_seconds", "Time from due to start, by type", waits
+        )
+        ws = 0
+        for key in client.scan_iter(match=f"{prefix}:metrics:ws:*", count=1000):
+            ws += int(client.get(key) or 0)
+        yield GaugeMetricFamily(
+            "jobqueue_websocket_connections", "Open WebSocket connections (all API processes)", ws
+        )
+
+
+def _histogram(name: str, documentation: str, raw: dict[bytes, bytes]) -> HistogramMetricFamily:
+    by_type: dict[str, dict[str, float]] = {}
+    for field, value in raw.items():
+        job_type, part = field.decode().rsplit("|", 1)
+        by_type.setdefault(job_type, {})[part] = float(value)
+    family = HistogramMetricFamily(name, documentation, labels=["type"])
+    bounds = [*(str(b) for b in events.BUCKETS), "+Inf"]
+    for job_type, parts in sorted(by_type.items()):
+        cumulative = 0.0
+        buckets = []
+        for index, bound in enumerate(bounds):
+            cumulative += parts.get(str(index), 0.0)
+            buckets.append((bound, cumulative))
+        family.add_metric([job_type], buckets, sum_value=parts.get("sum", 0.0))
+    return family
 
 
 def render_metrics() -> bytes:

@@ -19,6 +19,7 @@ from typing import Any
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
+from jobs import events
 from jobs.errors import ApiError, Conflict, NotFound
 from jobs.models import ApiKey, Job, JobStatus, Tenant
 from jobs.queue import entry_for, sync_queue
@@ -150,12 +151,25 @@ def push_to_queue(jobs: Sequence[Job]) -> None:
         )
 
 
-def _after_commit(jobs: Sequence[Job], *, push: bool) -> None:
+def count_event(event: str, jobs: Sequence[Job]) -> None:
+    """Add to the job event counters in Redis (for /metrics); a failure is only logged."""
+    try:
+        queue = sync_queue()
+        pipe = queue.client.pipeline(transaction=False)
+        events.count_events(pipe, queue.prefix, event, jobs)
+        pipe.execute()
+    except Exception as exc:
+        logger.warning("metrics not recorded event=%s: %s", event, exc)
+
+
+def _after_commit(jobs: Sequence[Job], *, push: bool, event: str | None = None) -> None:
     def run() -> None:
         # PENDING goes out before a worker can claim the job and announce RUNNING.
         broadcast(jobs)
         if push:
             push_to_queue(jobs)
+        if event:
+            count_event(event, jobs)
 
     transaction.on_commit(run)
 
@@ -187,7 +201,7 @@ def job_enqueue(
     if idempotency_key is None:
         with transaction.atomic():
             job.save(force_insert=True)
-            _after_commit([job], push=True)
+            _after_commit([job], push=True, event="created")
         return job, True
 
     for _ in range(3):
@@ -204,7 +218,7 @@ def job_enqueue(
         try:
             with transaction.atomic():
                 job.save(force_insert=True)
-                _after_commit([job], push=True)
+                _after_commit([job], push=True, event="created")
             return job, True
         except IntegrityError:
             # A concurrent request with the same key won the insert: read its job.
@@ -224,7 +238,7 @@ def job_enqueue_batch(*, tenant: Tenant, specs: Sequence[JobSpec]) -> list[Job]:
     ]
     with transaction.atomic():
         Job.objects.bulk_create(jobs, batch_size=500)
-        _after_commit(jobs, push=True)
+        _after_commit(jobs, push=True, event="created")
     return jobs
 
 
@@ -272,6 +286,7 @@ def job_cancel(*, tenant: Tenant, job_id: uuid.UUID) -> Job:
                 # A PENDING id left in Redis is harmless: the claim's compare-and-set skips it.
                 logger.exception("cancel signal to Redis failed job_id=%s", job.id)
             broadcast([job])
+            count_event("cancelled", [job])
 
         transaction.on_commit(after)
     return job

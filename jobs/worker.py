@@ -20,12 +20,14 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import Any
 
 import redis.asyncio as aioredis
 from django.conf import settings
 from django.utils import timezone
 from pydantic import ValidationError
 
+from jobs import events
 from jobs.handlers import JobContext, PermanentError, get_handler
 from jobs.models import Job, JobStatus
 from jobs.queue import Queue, entry_for, parse_claim
@@ -298,6 +300,8 @@ class Worker:
         for job in jobs:
             self._running[str(job.id)] = RunningJob(job=job)
         await abroadcast(jobs)
+        if jobs:
+            await self._record_metrics(events.record_starts, jobs)
         for job in jobs:
             running = self._running[str(job.id)]
             running.task = asyncio.create_task(self._process_job(running), name=f"job-{job.id}")
@@ -464,7 +468,7 @@ class Worker:
                 item.done.set_result(job)
 
     async def _after_write(self, jobs: list[Job]) -> None:
-        """After the database write: queue the retries, then broadcast every change."""
+        """After the database write: queue the retries, broadcast every change, count them."""
         retries = [job for job in jobs if job.status == JobStatus.PENDING]
         if retries:
             try:
@@ -473,6 +477,16 @@ class Worker:
                 # Written PENDING in the database: reconciliation will queue them.
                 self._log("retries not queued (%s)", exc, level=logging.WARNING)
         await abroadcast(jobs)
+        await self._record_metrics(events.record_outcomes, jobs, timezone.now())
+
+    async def _record_metrics(self, record: Any, *args: Any) -> None:
+        """Add to the Redis-kept counters (one pipelined round trip); never fails a job."""
+        try:
+            pipe = self.redis.pipeline(transaction=False)
+            record(pipe, self.queue.prefix, *args)
+            await pipe.execute()
+        except Exception as exc:
+            self._log("metrics not recorded (%s)", exc, level=logging.WARNING)
 
     async def _release(self, job_ids: list[str]) -> None:
         try:
@@ -597,6 +611,7 @@ class Worker:
             if pending:
                 await self.queue.enqueue(entry_for(job) for job in pending)
             await abroadcast(recovered)
+            await self._record_metrics(events.record_outcomes, recovered, timezone.now())
             for job in recovered:
                 self._log("recovered from a dead worker -> %s", job.status, job=job)
         return len(recovered)

@@ -22,13 +22,16 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from asgiref.sync import sync_to_async
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.conf import settings
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
+from jobs import events
 from jobs.models import TENANT_ID_PATTERN, Tenant
+from jobs.queue import sync_client
 from jobs.selectors import job_updated_since
 from jobs.services import api_key_authenticate
 from realtime.auth import is_staff_user
@@ -105,6 +108,18 @@ def _parse_time(value: Any) -> datetime | None:
     return parsed
 
 
+async def _count_connection(delta: int) -> bool:
+    """Keep the open-connections gauge of /metrics (jobs/events.py); never fails a socket."""
+    try:
+        await sync_to_async(events.websocket_delta, thread_sensitive=False)(
+            sync_client(), settings.JOBS["REDIS_PREFIX"], delta
+        )
+    except Exception as exc:
+        logger.warning("websocket connection not counted: %s", exc)
+        return False
+    return True
+
+
 class JobUpdatesConsumer(AsyncJsonWebsocketConsumer):
     """`/ws`: SUBSCRIBE/UNSUBSCRIBE/PING from the client, JOB_UPDATE frames from the channel layer.
 
@@ -154,6 +169,7 @@ class JobUpdatesConsumer(AsyncJsonWebsocketConsumer):
             await self.close()
             return
         await self.accept()
+        self.counted = await _count_connection(+1)
         if self.is_staff:
             message = "connected as staff; SUBSCRIBE to any tenant"
         else:
@@ -162,6 +178,9 @@ class JobUpdatesConsumer(AsyncJsonWebsocketConsumer):
 
     async def disconnect(self, code: int) -> None:
         """Leave every group this socket joined."""
+        if getattr(self, "counted", False):
+            self.counted = False
+            await _count_connection(-1)
         for tenant_id in list(self.subscriptions):
             try:
                 await self.channel_layer.group_discard(tenant_group(tenant_id), self.channel_name)
