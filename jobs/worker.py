@@ -419,7 +419,7 @@ class Worker:
                 if running.shutdown:
                     written = await self._with_db_retries(self.store.put_back, job=job)
                     if written is not None:
-                        await self._after_write([written])
+                        await self._after_write([written], count=False)
                 # else: cancelled through the API, which already wrote CANCELLED.
                 await self._release([job_id])
             if written is not None:
@@ -467,8 +467,9 @@ class Worker:
             if not item.done.done():
                 item.done.set_result(job)
 
-    async def _after_write(self, jobs: list[Job]) -> None:
-        """After the database write: queue the retries, broadcast every change, count them."""
+    async def _after_write(self, jobs: list[Job], *, count: bool = True) -> None:
+        """After the database write: queue the retries, broadcast every change, count them
+        (a job put back on shutdown is queued and broadcast, not counted as a retry)."""
         retries = [job for job in jobs if job.status == JobStatus.PENDING]
         if retries:
             try:
@@ -477,7 +478,8 @@ class Worker:
                 # Written PENDING in the database: reconciliation will queue them.
                 self._log("retries not queued (%s)", exc, level=logging.WARNING)
         await abroadcast(jobs)
-        await self._record_metrics(events.record_outcomes, jobs, timezone.now())
+        if count:
+            await self._record_metrics(events.record_outcomes, jobs, timezone.now())
 
     async def _record_metrics(self, record: Any, *args: Any) -> None:
         """Add to the Redis-kept counters (one pipelined round trip); never fails a job."""

@@ -190,10 +190,11 @@ def main() -> int:
             time.sleep(0.2)
         return 0 if stopping else 1
     finally:
+        # Newest first, one at a time: the worker and Daphne finish (and release their claims
+        # in Redis) before a private redis-server, started first, is stopped last.
         for child in reversed(children):
             if child.poll() is None:
                 child.send_signal(signal.SIGTERM)
-        for child in reversed(children):
             try:
                 child.wait(timeout=40)
             except subprocess.TimeoutExpired:

@@ -14,14 +14,14 @@ import pytest
 from asgiref.sync import sync_to_async
 from channels.layers import get_channel_layer
 from django.core import mail
-from django.db import connection
+from django.db import OperationalError, connection
 from django.utils import timezone
 from pydantic import BaseModel
 
 from jobs import store
 from jobs.handlers.registry import register, unregister
 from jobs.models import Job, JobStatus, Tenant
-from jobs.queue import entry_for, sync_queue
+from jobs.queue import entry_for, parse_claim, sync_queue
 from jobs.services import JobSpec, job_cancel, job_enqueue
 from jobs.worker import Worker, WorkerOptions
 from realtime.broadcast import tenant_group
@@ -463,3 +463,55 @@ def test_worker_log_lines_carry_job_context(tenant: Tenant, caplog: Any) -> None
     assert record.job_id == str(job.id) and record.tenant == tenant.id
     assert record.job_type == "sleep" and record.attempt == 1 and record.worker == worker.name
     assert all(getattr(r, "worker", None) == worker.name for r in caplog.records)
+
+
+def test_heartbeat_renews_only_the_jobs_being_run(tenant: Tenant) -> None:
+    running, stuck = (enqueue(tenant, "sleep", {"delayMs": 0}) for _ in range(2))
+    store.claim_jobs(job_ids=[str(running.id), str(stuck.id)], worker="w")
+    past = timezone.now() - timedelta(seconds=1)
+    Job.objects.filter(id__in=[running.id, stuck.id]).update(lease_expires_at=past)
+    assert store.renew_leases(worker="w", job_ids=[str(running.id)]) == 1
+    running.refresh_from_db()
+    stuck.refresh_from_db()
+    assert running.lease_expires_at > timezone.now()
+    # A job whose outcome could not be written is not kept alive: its lease runs out.
+    assert stuck.lease_expires_at == past
+
+
+def test_worker_restarted_under_its_name_returns_its_old_claims(
+    tenant: Tenant, redis_client: Any
+) -> None:
+    tenant.max_concurrency = 1
+    tenant.save()
+    job = enqueue(tenant, "sleep", {"delayMs": 0})
+    queue = sync_queue()
+    queue.set_tenant_limit(tenant.id, 1)
+    # An earlier process named "same" claimed the job in Redis and died before the database.
+    assert parse_claim(queue.claim(worker="same", count=1)).job_ids == [str(job.id)]
+    assert int(redis_client.hget(queue.key("running"), tenant.id)) == 1
+    run_burst(name="same")
+    job.refresh_from_db()
+    assert job.status == JobStatus.COMPLETED
+    assert redis_client.hget(queue.key("running"), tenant.id) is None
+
+
+def test_database_error_during_a_claim_puts_the_ids_back(tenant: Tenant, redis_client: Any) -> None:
+    job = enqueue(tenant, "sleep", {"delayMs": 0})
+
+    async def scenario() -> None:
+        worker = make_worker(burst=False)
+
+        async def database_down(**kwargs: Any) -> list[Job]:
+            raise OperationalError("server closed the connection unexpectedly")
+
+        worker.store.claim = database_down  # type: ignore[method-assign]
+        with pytest.raises(OperationalError):
+            await worker._claim_and_start(5)
+        worker.store.close()
+        await worker.redis.aclose()
+
+    asyncio.run(scenario())
+    queue = sync_queue()
+    assert redis_client.zscore(queue.key("ready", tenant.id), str(job.id)) is not None
+    assert redis_client.hget(queue.key("running"), tenant.id) is None
+    assert redis_client.keys(f"{queue.prefix}:processing:*") == []
