@@ -71,6 +71,10 @@ def test_kill_9_mid_job_is_recovered_by_another_worker(stack: Stack) -> None:
         assert job.locked_by == "rescuer"
         assert listener.statuses(job_id).count("COMPLETED") == 1
     lease_s = int(stack.env["JOBS_LEASE_S"])
+    print(
+        f"\nkill -9: recovered and completed {recovery_s:.1f}s after the kill (lease {lease_s}s,"
+        f" job 4s), attempts={job.attempts}, COMPLETED broadcasts=1"
+    )
     # Lease expiry, a recovery tick (lease/3), then the 4 s job itself.
     assert recovery_s < lease_s + 4 + 3, recovery_s
     assert "recovered from a dead worker" in stack.log("rescuer")
@@ -126,6 +130,10 @@ def test_redis_killed_and_restarted_while_jobs_flow(stack: Stack, tmp_path: Path
         finally:
             stop.set()
             producer.join()
+        print(
+            f"\nredis restart: {len(created)} jobs created, {during_outage} while Redis was down,"
+            f" all 201"
+        )
         assert set(codes) == {201}, "POST /jobs must stay 201 while Redis is down"
         assert during_outage > 0
         wait_until(
@@ -160,6 +168,7 @@ def test_database_connections_terminated_mid_run(stack: Stack) -> None:
         time.sleep(0.3)
     assert terminated > 0
     wait_until(lambda: all_completed(ids), timeout=60, message=f"{statuses(ids)}")
+    print(f"\npg_terminate_backend: {terminated} worker connections terminated, 60/60 completed")
     assert Job.objects.filter(status=JobStatus.RUNNING).count() == 0
 
 
