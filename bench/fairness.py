@@ -131,8 +131,14 @@ def drain_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     plan = scenarios(fifo_queue_class(), Queue)
     rates: dict[str, list[float]] = {name: [] for name, _, _ in plan}
     for run in range(args.runs):
-        # Interleaved, so drift of the shared machine hits every scenario alike.
-        for name, tenants, queue_class in plan:
+        # Interleaved, so drift of the shared machine hits every scenario alike; each pair
+        # swaps its order every run, so neither design always runs second.
+        ordered = [
+            step
+            for pair in zip(plan[0::2], plan[1::2], strict=True)
+            for step in (pair if run % 2 == 0 else pair[::-1])
+        ]
+        for name, tenants, queue_class in ordered:
             clean_redis()
             seed_jobs(args.jobs, tenants, queue_class(sync))
             elapsed = drain(queue_class, args.concurrency)

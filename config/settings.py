@@ -81,7 +81,16 @@ ASGI_APPLICATION = "config.asgi.application"
 # --- Database -----------------------------------------------------------------------------------
 DATABASE_URL = env_str("DATABASE_URL")
 if DATABASE_URL:
-    DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=60)}
+    # No persistent per-thread connections: under ASGI every request may run in a thread of its
+    # own, and each would keep a connection open. A pool (psycopg_pool) shares a few instead.
+    DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=0)}
+    if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
+        DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
+            "min_size": env_int("JOBS_DB_POOL_MIN", 2, minimum=0),
+            "max_size": env_int("JOBS_DB_POOL_MAX", 10, minimum=1),
+            # A request waits this long for a connection, then gets 503 (as when the database is down).
+            "timeout": env_int("JOBS_DB_POOL_TIMEOUT_S", 3, minimum=1),
+        }
 else:
     VAR_DIR.mkdir(exist_ok=True)
     DATABASES = {

@@ -14,6 +14,7 @@ Protocol decisions beyond the spec:
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -33,7 +34,7 @@ from jobs import events
 from jobs.models import TENANT_ID_PATTERN, Tenant
 from jobs.queue import sync_client
 from jobs.selectors import job_updated_since
-from jobs.services import api_key_authenticate
+from jobs.services import api_key_authenticate, hash_api_key
 from realtime.auth import is_staff_user
 from realtime.broadcast import iso, job_update_message, tenant_group
 
@@ -106,6 +107,34 @@ def _parse_time(value: Any) -> datetime | None:
     if parsed is not None and timezone.is_naive(parsed):
         parsed = parsed.replace(tzinfo=UTC)
     return parsed
+
+
+# One answer per key and process, shared by all its sockets: 1,000 subscribers of one tenant
+# re-check their key with one query, not 1,000.
+_key_checks: dict[str, tuple[float, bool]] = {}
+_key_checks_running: dict[str, asyncio.Task[bool]] = {}
+
+
+async def key_still_valid(raw_key: str, *, max_age: float) -> bool:
+    """Whether an API key still authenticates, from a check at most `max_age` seconds old."""
+    digest = hash_api_key(raw_key)
+    cached = _key_checks.get(digest)
+    if cached is not None and time.monotonic() - cached[0] < max_age:
+        return cached[1]
+    task = _key_checks_running.get(digest)
+    if task is None or task.get_loop() is not asyncio.get_running_loop():
+
+        async def check() -> bool:
+            try:
+                tenant = await database_sync_to_async(api_key_authenticate)(raw_key=raw_key)
+                _key_checks[digest] = (time.monotonic(), tenant is not None)
+                return tenant is not None
+            finally:
+                _key_checks_running.pop(digest, None)
+
+        task = asyncio.ensure_future(check())
+        _key_checks_running[digest] = task
+    return await asyncio.shield(task)
 
 
 async def _count_connection(delta: int) -> bool:
@@ -269,8 +298,7 @@ class JobUpdatesConsumer(AsyncJsonWebsocketConsumer):
         tenant_id = self._tenant_id(content)
         since = self._since(content)
         # A revoked key must not get a replay from the database on an old socket.
-        self.credentials_checked_at = -self.recheck_credentials_s
-        if not await self._credentials_still_valid():
+        if not await self._credentials_still_valid(force=True):
             return
         await self._authorize(tenant_id)
         if tenant_id not in self.subscriptions and len(self.subscriptions) >= (
@@ -378,14 +406,17 @@ class JobUpdatesConsumer(AsyncJsonWebsocketConsumer):
             return
         await self.send_json(update)
 
-    async def _credentials_still_valid(self) -> bool:
+    async def _credentials_still_valid(self, *, force: bool = False) -> bool:
         """Re-check an API key at most every `recheck_credentials_s`; close if it was revoked."""
         raw_key = self.scope.get("api_key")
         now = time.monotonic()
-        if raw_key is None or now - self.credentials_checked_at < self.recheck_credentials_s:
+        if raw_key is None or (
+            not force and now - self.credentials_checked_at < self.recheck_credentials_s
+        ):
             return True
         self.credentials_checked_at = now
-        if await database_sync_to_async(api_key_authenticate)(raw_key=raw_key) is not None:
+        max_age = 0.0 if force else self.recheck_credentials_s
+        if await key_still_valid(raw_key, max_age=max_age):
             return True
         await self.close_with(CLOSE_CREDENTIALS_REVOKED, "API key revoked or tenant inactive")
         return False
