@@ -27,6 +27,11 @@ lint:
 format:
 	@$(UV) run ruff check --fix . && $(UV) run ruff format .
 
+# The performance suite (bench/README.md; `make bench BENCH_ARGS=--quick` takes ~2 minutes),
+# then the fairness benchmark (FAIRNESS_ARGS). Both run; the target fails if either did.
 bench: install
-	@cd bench && DATABASE_URL="$${DATABASE_URL:-$(TEST_DATABASE_URL)}" REDIS_URL="$${REDIS_URL:-$(TEST_REDIS_URL)}" \
-		$(UV) run python fairness.py $(BENCH_ARGS)
+	@cd bench && export DATABASE_URL="$${DATABASE_URL:-$(TEST_DATABASE_URL)}" \
+		REDIS_URL="$${REDIS_URL:-$(TEST_REDIS_URL)}"; \
+	$(UV) run python suite.py $(BENCH_ARGS); suite=$$?; \
+	$(UV) run python fairness.py $(FAIRNESS_ARGS); fairness=$$?; \
+	exit $$(( suite || fairness ))

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
+import resource
 import statistics
+import subprocess
 import sys
 import time
 import uuid
@@ -18,7 +21,7 @@ RESULTS = ROOT / "bench" / "results"
 BENCH_DB = os.environ.get("BENCH_DATABASE", "jobqueue_bench")
 
 
-def setup_django() -> None:
+def setup_django(database: str = BENCH_DB) -> None:
     """Point Django at the benchmark database (created and migrated if missing)."""
     import psycopg
 
@@ -26,13 +29,17 @@ def setup_django() -> None:
     server = base.rsplit("/", 1)[0]
     with psycopg.connect(f"{server}/postgres", autocommit=True) as conn:
         exists = conn.execute(
-            "SELECT 1 FROM pg_database WHERE datname = %s", (BENCH_DB,)
+            "SELECT 1 FROM pg_database WHERE datname = %s", (database,)
         ).fetchone()
         if not exists:
-            conn.execute(f'CREATE DATABASE "{BENCH_DB}"')
-    os.environ["DATABASE_URL"] = f"{server}/{BENCH_DB}"
+            conn.execute(f'CREATE DATABASE "{database}"')
+    os.environ["DATABASE_URL"] = f"{server}/{database}"
     os.environ.setdefault("JOBS_REDIS_PREFIX", f"bench-{uuid.uuid4().hex[:8]}")
-    os.environ.setdefault("DEBUG", "1")
+    # DEBUG off: with it on, Django records every query in memory and runs measurably slower.
+    os.environ.setdefault("DEBUG", "0")
+    os.environ.setdefault(
+        "SECRET_KEY", "bench-only-secret-key-0123456789-abcdefghijklmnopqrstuvwxyz"
+    )
     os.environ.setdefault("LOG_LEVEL", "WARNING")
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
     sys.path.insert(0, str(ROOT))
@@ -44,6 +51,7 @@ def setup_django() -> None:
 
 
 def clean_redis() -> None:
+    """Delete every key under this process's JOBS_REDIS_PREFIX (never anything else)."""
     from jobs.queue import sync_client, sync_queue
 
     prefix = sync_queue().prefix
@@ -54,10 +62,53 @@ def clean_redis() -> None:
 
 
 def median(values: list[float]) -> float:
+    """The median of the samples (the figure every benchmark reports)."""
     return statistics.median(values)
 
 
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile (0-100) by the nearest-rank method: a value that was observed."""
+    ordered = sorted(values)
+    rank = max(1, math.ceil(q / 100 * len(ordered)))
+    return ordered[rank - 1]
+
+
+def git_commit() -> str:
+    """The short commit of the working tree, with `+dirty` if it has uncommitted changes."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return commit + ("+dirty" if dirty else "")
+
+
+def raise_fd_limit(wanted: int = 65536) -> int:
+    """Raise this process's open-file soft limit towards `wanted` (bounded by the hard limit);
+    returns the new soft limit. Thousands of sockets need it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if target > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        return target
+    return soft
+
+
 def machine() -> dict[str, Any]:
+    """What the numbers were measured on."""
     return {
         "python": platform.python_version(),
         "cpus": os.cpu_count(),
@@ -66,14 +117,23 @@ def machine() -> dict[str, Any]:
 
 
 def write_results(name: str, results: dict[str, Any]) -> Path:
+    """Write `results` with the machine, time, commit and command to bench/results/."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     path = RESULTS / f"{name}-{stamp}.json"
-    path.write_text(json.dumps({"machine": machine(), "at": stamp, **results}, indent=2))
+    header = {
+        "machine": machine(),
+        "at": stamp,
+        "commit": git_commit(),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+    }
+    path.write_text(json.dumps({**header, **results}, indent=2))
     return path
 
 
 class Timer:
+    """Wall time of a `with` block, in seconds (`elapsed`)."""
+
     def __enter__(self) -> Timer:
         self.start = time.perf_counter()
         return self

@@ -88,7 +88,8 @@ if DATABASE_URL:
         DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
             "min_size": env_int("JOBS_DB_POOL_MIN", 2, minimum=0),
             "max_size": env_int("JOBS_DB_POOL_MAX", 10, minimum=1),
-            # A request waits this long for a connection, then gets 503 (as when the database is down).
+            # A request waits this long for a connection, then gets 503 (as when the database
+            # is down).
             "timeout": env_int("JOBS_DB_POOL_TIMEOUT_S", 3, minimum=1),
         }
 else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
@@ -56,7 +57,8 @@ async def abroadcast(jobs: Iterable[Job]) -> None:
     by_tenant: dict[str, list[dict[str, Any]]] = {}
     for job in jobs:
         by_tenant.setdefault(job.tenant_id, []).append(job_update_message(job))
-    for tenant, updates in by_tenant.items():
+
+    async def send(tenant: str, updates: list[dict[str, Any]]) -> None:
         try:
             await layer.group_send(
                 tenant_group(tenant), {"type": JOB_UPDATE_EVENT, "updates": updates}
@@ -68,6 +70,9 @@ async def abroadcast(jobs: Iterable[Job]) -> None:
                 tenant,
                 ",".join(u["jobId"] for u in updates[:10]),
             )
+
+    # Tenants are independent (order only matters within one), so their sends overlap.
+    await asyncio.gather(*(send(tenant, updates) for tenant, updates in by_tenant.items()))
 
 
 def broadcast(jobs: Iterable[Job]) -> None:
