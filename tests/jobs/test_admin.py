@@ -339,3 +339,21 @@ def test_tenant_changelist_shows_queue_depth(admin_client: Any, redis_prefix: st
     html = response.content.decode()
     assert 'class="field-queue_ready">3<' in html
     assert 'class="field-queue_delayed">0<' in html
+
+
+@pytest.mark.django_db(transaction=True)
+def test_admin_actions_broadcast_the_state_changes(admin_client: Client, tenant: Tenant) -> None:
+    from tests.e2e.conftest import wait_until
+    from tests.support.updates import listen_to_tenant
+
+    failed = make_job(tenant, status=JobStatus.FAILED, attempts=3, error="boom")
+    pending, _ = job_enqueue(tenant=tenant, spec=JobSpec(type="sleep", payload={"delayMs": 1}))
+    with listen_to_tenant(tenant.id) as listener:
+        action(admin_client, JOBS_URL, "retry_selected", [failed])
+        action(admin_client, JOBS_URL, "cancel_selected", [pending])
+        wait_until(
+            lambda: listener.statuses(str(failed.id)) == ["PENDING"]
+            and listener.statuses(str(pending.id)) == ["CANCELLED"],
+            timeout=5,
+            message=f"updates seen: {listener.updates}",
+        )
