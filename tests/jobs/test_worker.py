@@ -220,22 +220,7 @@ def test_reconciliation_pushes_jobs_redis_lost(
 
 def test_every_state_change_is_broadcast_in_order(tenant: Tenant) -> None:
     job = enqueue(tenant, "sleep", {"delayMs": 10})
-
-    async def scenario() -> list[dict]:
-        layer = get_channel_layer()
-        channel = await layer.new_channel()
-        await layer.group_add(tenant_group(tenant.id), channel)
-        await asyncio.wait_for(make_worker().run(), timeout=30)
-        updates = []
-        while True:
-            try:
-                message = await asyncio.wait_for(layer.receive(channel), timeout=0.5)
-            except TimeoutError:
-                return updates
-            updates.extend(message["updates"])
-
-    updates = asyncio.run(scenario())
-    mine = [u for u in updates if u["jobId"] == str(job.id)]
+    mine = collect_updates(tenant, [job])
     assert [u["status"] for u in mine] == ["RUNNING", "COMPLETED"]
     assert mine[-1]["result"] == {"sleptMs": 10} and mine[-1]["tenantId"] == tenant.id
 
