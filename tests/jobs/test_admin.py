@@ -352,8 +352,10 @@ def test_admin_actions_broadcast_the_state_changes(admin_client: Client, tenant:
         action(admin_client, JOBS_URL, "retry_selected", [failed])
         action(admin_client, JOBS_URL, "cancel_selected", [pending])
         wait_until(
-            lambda: listener.statuses(str(failed.id)) == ["PENDING"]
-            and listener.statuses(str(pending.id)) == ["CANCELLED"],
+            lambda: (
+                listener.statuses(str(failed.id)) == ["PENDING"]
+                and listener.statuses(str(pending.id)) == ["CANCELLED"]
+            ),
             timeout=5,
             message=f"updates seen: {listener.updates}",
         )
