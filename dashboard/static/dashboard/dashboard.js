@@ -290,6 +290,10 @@
         console.warn("dashboard websocket:", frame.message);
         if (String(frame.message).startsWith("updates dropped")) {
           for (const tenantId of subscribed) subscribe(tenantId, resumeFrom.get(tenantId));
+        } else if (String(frame.message).startsWith("replay truncated") && frame.since) {
+          // The replay stopped at its limit: fetch the rest from where it stopped.
+          resumeFrom.set(frame.tenantId, frame.since);
+          subscribe(frame.tenantId, frame.since);
         }
         break;
       default:
