@@ -25,20 +25,6 @@ def make_tenant(tenant_id: str, **fields: Any) -> str:
     return api_key_create(tenant=tenant)[1]
 
 
-def batch(stack: Stack, key: str, jobs: list[dict[str, Any]]) -> list[str]:
-    ids: list[str] = []
-    for start in range(0, len(jobs), 1000):
-        response = httpx.post(
-            f"{stack.base_url}/jobs/batch",
-            json={"jobs": jobs[start : start + 1000]},
-            headers={"Authorization": f"Bearer {key}"},
-            timeout=60,
-        )
-        assert response.status_code == 201, response.text
-        ids.extend(response.json()["jobIds"])
-    return ids
-
-
 def completed_after(tenant_id: str, start: Any, end: Any) -> int:
     return Job.objects.filter(
         tenant_id=tenant_id, status=JobStatus.COMPLETED, finished_at__gt=start, finished_at__lt=end
@@ -60,7 +46,7 @@ def test_small_tenant_is_not_stuck_behind_a_backlog(
     small_key = make_tenant("small")
     stack.start_api()
     for key in keys.values():
-        batch(stack, key, [NOOP] * 5000)
+        stack.create_batch(key, [NOOP] * 5000)
     for n in range(workers):
         stack.start_worker("--concurrency", "1", name=f"w{n}")
     wait_until(
@@ -94,7 +80,7 @@ def test_priority_orders_a_tenants_jobs_and_equal_priority_is_fifo(stack: Stack)
         {**NOOP, "priority": priority, "payload": {"delayMs": 0}}
         for priority in (0, -5, 0, 5, 0, 10, -5)
     ]
-    ids = batch(stack, key, jobs)
+    ids = stack.create_batch(key, jobs)
     stack.start_worker("--concurrency", "1")
     wait_until(
         lambda: Job.objects.filter(id__in=ids, status=JobStatus.COMPLETED).count() == len(ids),
@@ -113,8 +99,8 @@ def test_concurrency_limit_holds_across_three_workers(stack: Stack) -> None:
     limited_key = make_tenant("limited", max_concurrency=2)
     free_key = make_tenant("free")
     stack.start_api()
-    limited = batch(stack, limited_key, [{"type": "sleep", "payload": {"delayMs": 300}}] * 16)
-    free = batch(stack, free_key, [{"type": "sleep", "payload": {"delayMs": 50}}] * 60)
+    limited = stack.create_batch(limited_key, [{"type": "sleep", "payload": {"delayMs": 300}}] * 16)
+    free = stack.create_batch(free_key, [{"type": "sleep", "payload": {"delayMs": 50}}] * 60)
     samples: list[dict[str, int]] = []
     stop = threading.Event()
 

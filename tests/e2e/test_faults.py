@@ -210,16 +210,7 @@ def test_three_workers_run_each_of_2000_webhooks_exactly_once(stack: Stack) -> N
         jobs = [
             {"type": "webhook", "payload": {"url": server.url(f"/hook/{i}")}} for i in range(2000)
         ]
-        ids: list[str] = []
-        for start in range(0, len(jobs), 1000):
-            response = httpx.post(
-                f"{stack.base_url}/jobs/batch",
-                json={"jobs": jobs[start : start + 1000]},
-                headers={"Authorization": f"Bearer {key}"},
-                timeout=60,
-            )
-            assert response.status_code == 201
-            ids.extend(response.json()["jobIds"])
+        ids = stack.create_batch(key, jobs)
         for n in range(3):
             stack.start_worker("--concurrency", "16", name=f"w{n}")
         wait_until(lambda: all_completed(ids), timeout=120, message=f"{statuses(ids)}")
