@@ -8,9 +8,10 @@ import json
 import logging
 from typing import Any
 
+import psycopg
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
-from django.db import DatabaseError, InterfaceError, OperationalError, connection
+from django.db import InterfaceError, OperationalError, connection
 from django.http import Http404, HttpRequest, HttpResponse
 from django.utils import timezone
 from ninja import NinjaAPI
@@ -19,8 +20,10 @@ from ninja.parser import Parser
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from jobs.api import router as jobs_router
+from jobs.api_store import DatabaseUnavailable
 from jobs.errors import ApiError
 from jobs.metrics import render_metrics
+from jobs.orm import orm
 from jobs.queue import sync_client
 from jobs.schemas import ErrorOut, HealthOut, ReadyOut
 from jobs.validation import VALIDATION_FAILED, error_details
@@ -136,7 +139,9 @@ def on_not_found(request: HttpRequest, exc: Http404) -> HttpResponse:
 
 @api.exception_handler(OperationalError)
 @api.exception_handler(InterfaceError)
-def on_database_down(request: HttpRequest, exc: DatabaseError) -> HttpResponse:
+@api.exception_handler(DatabaseUnavailable)
+@api.exception_handler(psycopg.OperationalError)
+def on_database_down(request: HttpRequest, exc: Exception) -> HttpResponse:
     logger.error("database unavailable: %s", exc)
     return error_response(request, 503, "Database unavailable", headers={"Retry-After": "5"})
 
@@ -148,25 +153,34 @@ def on_unexpected(request: HttpRequest, exc: Exception) -> HttpResponse:
 
 
 @api.get("/health", response=HealthOut, by_alias=True, tags=["service"])
-def health(request: HttpRequest) -> dict:
+async def health(request: HttpRequest) -> dict:
     """Liveness: answers as long as the process serves requests; checks no dependency."""
     return {"status": "ok", "timestamp": timezone.now()}
 
 
 @api.get("/metrics", tags=["service"], include_in_schema=True)
-def metrics(request: HttpRequest) -> HttpResponse:
+async def metrics(request: HttpRequest) -> HttpResponse:
     """Prometheus text exposition. With JOBS_METRICS_TOKEN set, it needs that Bearer token."""
     token = settings.JOBS["METRICS_TOKEN"]
     if token:
         given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
         if not hmac.compare_digest(given.encode(), token.encode()):
             return error_response(request, 401, "Missing or invalid metrics token")
-    return HttpResponse(render_metrics(), content_type=CONTENT_TYPE_LATEST)
+    body = await orm(render_metrics)()
+    return HttpResponse(body, content_type=CONTENT_TYPE_LATEST)
 
 
 @api.get("/ready", response={200: ReadyOut, 503: ErrorOut}, by_alias=True, tags=["service"])
-def ready(request: HttpRequest) -> Any:
+async def ready(request: HttpRequest) -> Any:
     """Readiness: the database and Redis answer; 503 names what is down."""
+    checks = await orm(_readiness)()
+    down = sorted(name for name, state in checks.items() if state != "ok")
+    if down:
+        return error_response(request, 503, f"not ready: {', '.join(down)} down", checks)
+    return {"status": "ok", "checks": checks}
+
+
+def _readiness() -> dict[str, str]:
     checks: dict[str, str] = {}
     try:
         with connection.cursor() as cursor:
@@ -179,7 +193,4 @@ def ready(request: HttpRequest) -> Any:
         checks["redis"] = "ok"
     except Exception as exc:
         checks["redis"] = f"down: {type(exc).__name__}"
-    down = sorted(name for name, state in checks.items() if state != "ok")
-    if down:
-        return error_response(request, 503, f"not ready: {', '.join(down)} down", checks)
-    return {"status": "ok", "checks": checks}
+    return checks

@@ -7,3 +7,6 @@ class JobsConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
     name = "jobs"
     verbose_name = "Job queue"
+
+    def ready(self) -> None:
+        from jobs import signals  # noqa: F401 -- connects the receivers

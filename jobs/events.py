@@ -60,12 +60,16 @@ class _Increments:
             pipe.hincrbyfloat(key, field, amount)
 
 
+def event_increments(prefix: str, event: str, jobs: Iterable[Job]) -> list[tuple[str, str, int]]:
+    """The (key, field, amount) HINCRBYs that count `event` for the jobs."""
+    counts: Counter[str] = Counter(f"{event}|{job.type}|{job.tenant_id}" for job in jobs)
+    return [(f"{prefix}:metrics:events", name, amount) for name, amount in counts.items()]
+
+
 def count_events(pipe: Any, prefix: str, event: str, jobs: Iterable[Job]) -> None:
     """Queue the HINCRBYs for `event` of the jobs on a (sync or async) pipeline."""
-    increments = _Increments()
-    for job in jobs:
-        increments.counts[(f"{prefix}:metrics:events", f"{event}|{job.type}|{job.tenant_id}")] += 1
-    increments.flush(pipe)
+    for key, name, amount in event_increments(prefix, event, jobs):
+        pipe.hincrby(key, name, amount)
 
 
 def record_outcomes(pipe: Any, prefix: str, jobs: Iterable[Job], now: datetime) -> None:

@@ -22,6 +22,7 @@ Every method returns what the redis client returns: a value for `redis.Redis`, a
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
@@ -114,11 +115,25 @@ class Queue:
         return self.key("workers")
 
     # --- producers ----------------------------------------------------------------------------
-    def enqueue(self, entries: Iterable[QueueEntry]) -> Any:
-        """Index jobs: due ones into their tenant's ready set, later ones into the delayed set."""
-        args: list[str | int] = [self.prefix, WAKE_TOKENS_MAX]
+    def enqueue(
+        self,
+        entries: Iterable[QueueEntry],
+        *,
+        publish: Iterable[tuple[str, str]] = (),
+        counters: Iterable[tuple[str, str, int]] = (),
+    ) -> Any:
+        """Index jobs (due ones into their tenant's ready set, later ones into the delayed set),
+        then PUBLISH each (channel, message) and add each (key, field, amount): one atomic call."""
+        args: list[str | int] = [self.prefix, WAKE_TOKENS_MAX, 0]
         for entry in entries:
             args.extend((entry.tenant, entry.job_id, entry.score, entry.run_at_ms))
+        args[2] = (len(args) - 3) // 4
+        publishes = list(publish)
+        args.append(len(publishes))
+        for channel, message in publishes:
+            args.extend((channel, message))
+        for key, field, amount in counters:
+            args.extend((key, field, amount))
         return self._enqueue(keys=[], args=args)
 
     def remove(self, entries: Iterable[QueueEntry]) -> Any:
@@ -183,3 +198,27 @@ def sync_client() -> redis.Redis:
 
 def sync_queue() -> Queue:
     return Queue(sync_client())
+
+
+_async_queues: dict[asyncio.AbstractEventLoop, Queue] = {}
+
+
+def async_queue() -> Queue:
+    """The running event loop's queue on redis-py's asyncio client (the API's hot paths)."""
+    loop = asyncio.get_running_loop()
+    queue = _async_queues.get(loop)
+    if queue is None or queue.prefix != settings.JOBS["REDIS_PREFIX"]:
+        for old in [key for key in _async_queues if key.is_closed()]:
+            del _async_queues[old]
+        client = aioredis.Redis.from_url(
+            settings.REDIS_URL, socket_timeout=2, socket_connect_timeout=2, health_check_interval=30
+        )
+        queue = _async_queues[loop] = Queue(client)
+    return queue
+
+
+async def close_async_queue() -> None:
+    """Close the running loop's client, if any (tests, which run one loop per test)."""
+    queue = _async_queues.pop(asyncio.get_running_loop(), None)
+    if queue is not None:
+        await queue.client.aclose()

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import Any
 
 from django.conf import settings
 
 from jobs.errors import ApiError
 from jobs.models import Tenant
-from jobs.queue import sync_queue
+from jobs.queue import async_queue, sync_queue
 
 logger = logging.getLogger(__name__)
 
@@ -21,29 +22,23 @@ def tenant_rate(tenant: Tenant) -> int:
     return settings.JOBS["TENANT_RATE_LIMIT"]
 
 
-def check_rate_limit(*, tenant: Tenant, jobs: int) -> None:
-    """Take `jobs` tokens from the tenant's bucket or raise 429 with Retry-After.
-
-    The bucket holds one second's worth of jobs (at least one). If Redis cannot be reached the
-    request is let through (logged): job creation must not depend on Redis being up.
-    """
+def _limits(tenant: Tenant, jobs: int) -> tuple[int, int] | None:
+    """(rate, burst) to check `jobs` creations against, or None when unlimited; raises 413 for a
+    batch larger than the burst (it could never pass: waiting does not help, so not a 429)."""
     rate = tenant_rate(tenant)
     if rate <= 0:
-        return
+        return None
     burst = max(1, rate)
     if jobs > burst:
-        # It could never pass: waiting does not help, so this is not a 429.
         raise ApiError(
             413,
             "Batch larger than the tenant's rate limit allows at once",
             {"jobs": jobs, "burst": burst, "ratePerSecond": rate},
         )
-    queue = sync_queue()
-    try:
-        allowed, retry_ms = queue.rate_limit(tenant=tenant.id, rate=rate, burst=burst, cost=jobs)
-    except Exception as exc:
-        logger.warning("rate limit not checked, Redis unavailable tenant=%s: %s", tenant.id, exc)
-        return
+    return rate, burst
+
+
+def _enforce(allowed: Any, retry_ms: Any, rate: int) -> None:
     if not allowed:
         retry_s = max(1, math.ceil(int(retry_ms) / 1000))
         raise ApiError(
@@ -52,3 +47,39 @@ def check_rate_limit(*, tenant: Tenant, jobs: int) -> None:
             {"ratePerSecond": rate, "retryAfterMs": int(retry_ms)},
             headers={"Retry-After": str(retry_s)},
         )
+
+
+def check_rate_limit(*, tenant: Tenant, jobs: int) -> None:
+    """Take `jobs` tokens from the tenant's bucket or raise 429 with Retry-After.
+
+    The bucket holds one second's worth of jobs (at least one). If Redis cannot be reached the
+    request is let through (logged): job creation must not depend on Redis being up.
+    """
+    limits = _limits(tenant, jobs)
+    if limits is None:
+        return
+    rate, burst = limits
+    try:
+        allowed, retry_ms = sync_queue().rate_limit(
+            tenant=tenant.id, rate=rate, burst=burst, cost=jobs
+        )
+    except Exception as exc:
+        logger.warning("rate limit not checked, Redis unavailable tenant=%s: %s", tenant.id, exc)
+        return
+    _enforce(allowed, retry_ms, rate)
+
+
+async def acheck_rate_limit(*, tenant: Tenant, jobs: int) -> None:
+    """`check_rate_limit` on the event loop (no Redis call when the tenant is unlimited)."""
+    limits = _limits(tenant, jobs)
+    if limits is None:
+        return
+    rate, burst = limits
+    try:
+        allowed, retry_ms = await async_queue().rate_limit(
+            tenant=tenant.id, rate=rate, burst=burst, cost=jobs
+        )
+    except Exception as exc:
+        logger.warning("rate limit not checked, Redis unavailable tenant=%s: %s", tenant.id, exc)
+        return
+    _enforce(allowed, retry_ms, rate)

@@ -11,8 +11,10 @@ from datetime import datetime, timedelta
 from django.db.models import Count, QuerySet
 from django.utils import timezone
 
+from jobs import api_store
 from jobs.errors import NotFound
 from jobs.models import Job, JobStatus, Tenant
+from jobs.orm import orm
 from jobs.queue import sync_queue
 
 logger = logging.getLogger(__name__)
@@ -35,6 +37,16 @@ def job_list(
 def job_get(*, tenant: Tenant, job_id: uuid.UUID) -> Job:
     """One job of the tenant; another tenant's job is indistinguishable from a missing one."""
     job = Job.objects.filter(tenant=tenant, id=job_id).first()
+    if job is None:
+        raise NotFound()
+    return job
+
+
+async def ajob_get(*, tenant: Tenant, job_id: uuid.UUID) -> Job:
+    """`job_get` on the event loop."""
+    if not api_store.enabled():
+        return await orm(job_get)(tenant=tenant, job_id=job_id)
+    job = await api_store.get_job(tenant_id=tenant.id, job_id=job_id)
     if job is None:
         raise NotFound()
     return job

@@ -19,12 +19,14 @@ from typing import Any
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from jobs import events
+from jobs import api_store, events
 from jobs.errors import ApiError, Conflict, NotFound
 from jobs.models import ApiKey, Job, JobStatus, Tenant
-from jobs.queue import entry_for, sync_queue
+from jobs.orm import orm
+from jobs.queue import async_queue, entry_for, sync_queue
+from jobs.ratelimit import acheck_rate_limit, check_rate_limit
 from jobs.selectors import IDEMPOTENCY_WINDOW
-from realtime.broadcast import broadcast
+from realtime.broadcast import update_messages
 
 logger = logging.getLogger(__name__)
 
@@ -137,41 +139,50 @@ class JobSpec:
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
-def push_to_queue(jobs: Sequence[Job]) -> None:
-    """Index committed jobs in Redis. A failure is logged, not raised: the rows are durable and
-    the worker's reconciliation scan pushes them once Redis answers again."""
+def announce(jobs: Sequence[Job], *, push: bool, event: str | None = None) -> None:
+    """After commit: index the jobs in Redis (if `push`), broadcast their state and count
+    `event`, in one round trip. A failure is logged, not raised: the rows are durable, the
+    worker's reconciliation scan pushes them once Redis answers again, and subscribers catch up
+    with `since`."""
     if not jobs:
         return
+    queue = sync_queue()
     try:
-        sync_queue().enqueue(entry_for(job) for job in jobs)
+        queue.enqueue(**announcement(queue.prefix, jobs, push=push, event=event))
     except Exception:
         logger.exception(
-            "push to Redis failed; reconciliation will requeue job_ids=%s",
+            "announcing jobs to Redis failed; reconciliation will requeue job_ids=%s",
             ",".join(str(j.id) for j in jobs[:10]),
         )
 
 
-def count_event(event: str, jobs: Sequence[Job]) -> None:
-    """Add to the job event counters in Redis (for /metrics); a failure is only logged."""
+def announcement(
+    prefix: str, jobs: Sequence[Job], *, push: bool, event: str | None
+) -> dict[str, Any]:
+    """The arguments of `Queue.enqueue` that index, broadcast and count the jobs."""
+    return {
+        "entries": [entry_for(job) for job in jobs] if push else [],
+        "publish": update_messages(jobs, prefix),
+        "counters": events.event_increments(prefix, event, jobs) if event else [],
+    }
+
+
+async def aannounce(jobs: Sequence[Job], *, push: bool, event: str | None = None) -> None:
+    """`announce` on the event loop's Redis client."""
+    if not jobs:
+        return
+    queue = async_queue()
     try:
-        queue = sync_queue()
-        pipe = queue.client.pipeline(transaction=False)
-        events.count_events(pipe, queue.prefix, event, jobs)
-        pipe.execute()
-    except Exception as exc:
-        logger.warning("metrics not recorded event=%s: %s", event, exc)
+        await queue.enqueue(**announcement(queue.prefix, jobs, push=push, event=event))
+    except Exception:
+        logger.exception(
+            "announcing jobs to Redis failed; reconciliation will requeue job_ids=%s",
+            ",".join(str(j.id) for j in jobs[:10]),
+        )
 
 
 def _after_commit(jobs: Sequence[Job], *, push: bool, event: str | None = None) -> None:
-    def run() -> None:
-        # PENDING goes out before a worker can claim the job and announce RUNNING.
-        broadcast(jobs)
-        if push:
-            push_to_queue(jobs)
-        if event:
-            count_event(event, jobs)
-
-    transaction.on_commit(run)
+    transaction.on_commit(lambda: announce(jobs, push=push, event=event))
 
 
 def _new_job(*, tenant: Tenant, spec: JobSpec, now: datetime, idempotency_key: str | None) -> Job:
@@ -191,30 +202,51 @@ def _new_job(*, tenant: Tenant, spec: JobSpec, now: datetime, idempotency_key: s
     )
 
 
+def _replay(existing: Job | None, job: Job, now: datetime) -> Job | None:
+    """The original job if `job` repeats it within the idempotency window; raises 409 for the
+    same key with another request; None if there is no live original (create `job`)."""
+    if existing is None or now - existing.created_at > IDEMPOTENCY_WINDOW:
+        return None
+    if existing.request_hash != job.request_hash:
+        raise Conflict("Idempotency-Key was already used with a different request")
+    return existing
+
+
+CONCURRENT_KEY = "Idempotency-Key is being used by a concurrent request"
+
+
 def job_enqueue(
-    *, tenant: Tenant, spec: JobSpec, idempotency_key: str | None = None
+    *,
+    tenant: Tenant,
+    spec: JobSpec,
+    idempotency_key: str | None = None,
+    rate_limited: bool = False,
 ) -> tuple[Job, bool]:
     """Create a job; returns (job, created). A repeated idempotency key returns the original
-    job (created=False) if the request is the same, else raises 409."""
+    job (created=False) if the request is the same, else raises 409. With `rate_limited`, a
+    creation (not a replay) takes a token of the tenant's rate limit first (429)."""
     now = timezone.now()
     job = _new_job(tenant=tenant, spec=spec, now=now, idempotency_key=idempotency_key)
     if idempotency_key is None:
+        if rate_limited:
+            check_rate_limit(tenant=tenant, jobs=1)
         with transaction.atomic():
             job.save(force_insert=True)
             _after_commit([job], push=True, event="created")
         return job, True
 
-    for _ in range(3):
+    for attempt in range(3):
         existing = Job.objects.filter(tenant=tenant, idempotency_key=idempotency_key).first()
+        original = _replay(existing, job, now)
+        if original is not None:
+            return original, False
         if existing is not None:
-            if now - existing.created_at <= IDEMPOTENCY_WINDOW:
-                if existing.request_hash != job.request_hash:
-                    raise Conflict("Idempotency-Key was already used with a different request")
-                return existing, False
             # The key's window is over: free it for the new job.
             Job.objects.filter(pk=existing.pk, idempotency_key=idempotency_key).update(
                 idempotency_key=None
             )
+        if rate_limited and attempt == 0:
+            check_rate_limit(tenant=tenant, jobs=1)
         try:
             with transaction.atomic():
                 job.save(force_insert=True)
@@ -223,22 +255,73 @@ def job_enqueue(
         except IntegrityError:
             # A concurrent request with the same key won the insert: read its job.
             continue
-    raise ApiError(409, "Idempotency-Key is being used by a concurrent request")
+    raise ApiError(409, CONCURRENT_KEY)
 
 
-def job_enqueue_batch(*, tenant: Tenant, specs: Sequence[JobSpec]) -> list[Job]:
-    """Create many jobs in one transaction and push them in one Redis round trip."""
+async def ajob_enqueue(
+    *, tenant: Tenant, spec: JobSpec, idempotency_key: str | None = None
+) -> tuple[Job, bool]:
+    """`job_enqueue` for the event loop, rate limit included: one INSERT and one Redis call."""
+    if not api_store.enabled():
+        return await orm(job_enqueue)(
+            tenant=tenant, spec=spec, idempotency_key=idempotency_key, rate_limited=True
+        )
+    now = timezone.now()
+    job = _new_job(tenant=tenant, spec=spec, now=now, idempotency_key=idempotency_key)
+    if idempotency_key is None:
+        await acheck_rate_limit(tenant=tenant, jobs=1)
+        await api_store.insert_job(job)
+        await aannounce([job], push=True, event="created")
+        return job, True
+
+    for attempt in range(3):
+        existing = await api_store.find_by_idempotency_key(tenant_id=tenant.id, key=idempotency_key)
+        original = _replay(existing, job, now)
+        if original is not None:
+            return original, False
+        if existing is not None:
+            await api_store.free_idempotency_key(job_id=existing.id, key=idempotency_key)
+        if attempt == 0:
+            # A replay spends no token; a creation does.
+            await acheck_rate_limit(tenant=tenant, jobs=1)
+        if await api_store.insert_idempotent(job):
+            await aannounce([job], push=True, event="created")
+            return job, True
+    raise ApiError(409, CONCURRENT_KEY)
+
+
+def _new_batch(*, tenant: Tenant, specs: Sequence[JobSpec]) -> list[Job]:
     now = timezone.now()
     # One microsecond apart, so the batch keeps its order in the queue and in listings.
-    jobs = [
+    return [
         _new_job(
             tenant=tenant, spec=spec, now=now + timedelta(microseconds=i), idempotency_key=None
         )
         for i, spec in enumerate(specs)
     ]
+
+
+def job_enqueue_batch(
+    *, tenant: Tenant, specs: Sequence[JobSpec], rate_limited: bool = False
+) -> list[Job]:
+    """Create many jobs in one transaction and push them in one Redis round trip."""
+    if rate_limited:
+        check_rate_limit(tenant=tenant, jobs=len(specs))
+    jobs = _new_batch(tenant=tenant, specs=specs)
     with transaction.atomic():
         Job.objects.bulk_create(jobs, batch_size=500)
         _after_commit(jobs, push=True, event="created")
+    return jobs
+
+
+async def ajob_enqueue_batch(*, tenant: Tenant, specs: Sequence[JobSpec]) -> list[Job]:
+    """`job_enqueue_batch` for the event loop, rate limit included: one COPY, one Redis call."""
+    if not api_store.enabled():
+        return await orm(job_enqueue_batch)(tenant=tenant, specs=specs, rate_limited=True)
+    await acheck_rate_limit(tenant=tenant, jobs=len(specs))
+    jobs = _new_batch(tenant=tenant, specs=specs)
+    await api_store.insert_jobs(jobs)
+    await aannounce(jobs, push=True, event="created")
     return jobs
 
 
@@ -285,8 +368,7 @@ def job_cancel(*, tenant: Tenant, job_id: uuid.UUID) -> Job:
             except Exception:
                 # A PENDING id left in Redis is harmless: the claim's compare-and-set skips it.
                 logger.exception("cancel signal to Redis failed job_id=%s", job.id)
-            broadcast([job])
-            count_event("cancelled", [job])
+            announce([job], push=False, event="cancelled")
 
         transaction.on_commit(after)
     return job

@@ -2,7 +2,7 @@
 
 One class of small coroutines. A semaphore-like slot count bounds concurrency, an event signals
 stop, and the final status write is shielded from cancellation. The worker only talks to the
-queue (Redis), the store (PostgreSQL) and the broadcaster (channel layer).
+queue (Redis), the store (PostgreSQL) and the broadcaster (Redis pub/sub).
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ class ProgressReporter:
                     job=self.job, percent=percent, message=message
                 )
                 if written is not None:
-                    await abroadcast([written])
+                    await abroadcast(self.worker.redis, [written])
             except Exception as exc:
                 self.worker._log(
                     "progress not stored (%s)", exc, job=self.job, level=logging.WARNING
@@ -299,7 +299,7 @@ class Worker:
             await self._handle_missed(missed)
         for job in jobs:
             self._running[str(job.id)] = RunningJob(job=job)
-        await abroadcast(jobs)
+        await abroadcast(self.redis, jobs)
         if jobs:
             await self._record_metrics(events.record_starts, jobs)
         for job in jobs:
@@ -477,7 +477,7 @@ class Worker:
             except Exception as exc:
                 # Written PENDING in the database: reconciliation will queue them.
                 self._log("retries not queued (%s)", exc, level=logging.WARNING)
-        await abroadcast(jobs)
+        await abroadcast(self.redis, jobs)
         if count:
             await self._record_metrics(events.record_outcomes, jobs, timezone.now())
 
@@ -612,7 +612,7 @@ class Worker:
             pending = [job for job in recovered if job.status == JobStatus.PENDING]
             if pending:
                 await self.queue.enqueue(entry_for(job) for job in pending)
-            await abroadcast(recovered)
+            await abroadcast(self.redis, recovered)
             await self._record_metrics(events.record_outcomes, recovered, timezone.now())
             for job in recovered:
                 self._log("recovered from a dead worker -> %s", job.status, job=job)

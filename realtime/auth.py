@@ -12,12 +12,12 @@ from typing import Any
 from urllib.parse import ParseResult, parse_qs, urlparse
 
 from channels.auth import AuthMiddlewareStack
-from channels.db import database_sync_to_async
 from channels.middleware import BaseMiddleware
 from channels.security.websocket import OriginValidator
 from django.conf import settings
 from django.contrib.auth.models import AnonymousUser
 
+from jobs.orm import orm
 from jobs.services import api_key_authenticate
 
 logger = logging.getLogger(__name__)
@@ -123,7 +123,7 @@ class TenantOrStaffAuthMiddleware(BaseMiddleware):
         tenant = None
         raw_key = api_key_from_scope(scope)
         if raw_key is not None:
-            tenant = await database_sync_to_async(api_key_authenticate)(raw_key=raw_key)
+            tenant = await orm(api_key_authenticate)(raw_key=raw_key)
             if tenant is None:
                 # A presented key that is wrong is an error, not a reason to try the session.
                 logger.info("websocket refused: invalid API key client=%s", client)

@@ -1,28 +1,28 @@
-"""Broadcast job state changes to each tenant's channel-layer group, after the database write."""
+"""Broadcast job state changes to the tenant's subscribers, after the database write.
+
+Each change is PUBLISHed on its tenant's Redis channel (`P:updates:{tenant}`, realtime/hub.py);
+every API process with a socket watching that tenant receives it once and fans it out in memory.
+Several changes of one tenant travel as one message, in order.
+"""
 
 from __future__ import annotations
 
-import asyncio
+import json
 import logging
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from asgiref.sync import async_to_sync
-from channels.layers import get_channel_layer
 from django.conf import settings
 
+from realtime.hub import encode_frames, updates_channel
+
 if TYPE_CHECKING:
+    import redis
+    import redis.asyncio as aioredis
+
     from jobs.models import Job
 
 logger = logging.getLogger(__name__)
-
-# channel-layer message type; the consumer's handler for it is `job_update`.
-JOB_UPDATE_EVENT = "job.update"
-
-
-def tenant_group(tenant: str) -> str:
-    """The channel-layer group of one tenant's subscribers (under this deployment's prefix)."""
-    return f"{settings.JOBS['REDIS_PREFIX']}.tenant.{tenant}"
 
 
 def iso(value: Any) -> str | None:
@@ -48,35 +48,51 @@ def job_update_message(job: Job) -> dict[str, Any]:
     }
 
 
-async def abroadcast(jobs: Iterable[Job]) -> None:
-    """Send the jobs' JOB_UPDATE frames to their tenants' groups: one channel-layer message
-    per tenant carrying its updates in the given order (the consumer sends one frame each)."""
-    layer = get_channel_layer()
-    if layer is None:
-        return
-    by_tenant: dict[str, list[dict[str, Any]]] = {}
+def frame_text(frame: dict[str, Any]) -> str:
+    """A frame as the JSON text sent on the socket (encoded once, whatever the audience)."""
+    return json.dumps(frame, separators=(",", ":"), ensure_ascii=False)
+
+
+def update_messages(jobs: Iterable[Job], prefix: str | None = None) -> list[tuple[str, str]]:
+    """(channel, message) per tenant: the jobs' JOB_UPDATE frames in the given order."""
+    prefix = prefix or settings.JOBS["REDIS_PREFIX"]
+    by_tenant: dict[str, list[str]] = {}
     for job in jobs:
-        by_tenant.setdefault(job.tenant_id, []).append(job_update_message(job))
-
-    async def send(tenant: str, updates: list[dict[str, Any]]) -> None:
-        try:
-            await layer.group_send(
-                tenant_group(tenant), {"type": JOB_UPDATE_EVENT, "updates": updates}
-            )
-        except Exception:
-            # The database holds the state; a subscriber can catch up with SUBSCRIBE since.
-            logger.exception(
-                "broadcast failed tenant=%s job_ids=%s",
-                tenant,
-                ",".join(u["jobId"] for u in updates[:10]),
-            )
-
-    # Tenants are independent (order only matters within one), so their sends overlap.
-    await asyncio.gather(*(send(tenant, updates) for tenant, updates in by_tenant.items()))
+        by_tenant.setdefault(job.tenant_id, []).append(frame_text(job_update_message(job)))
+    return [
+        (updates_channel(prefix, tenant), encode_frames(texts))
+        for tenant, texts in by_tenant.items()
+    ]
 
 
-def broadcast(jobs: Iterable[Job]) -> None:
-    """Sync wrapper for the API process (called after commit)."""
+def _log_failure(jobs: list[Job]) -> None:
+    # The database holds the state; a subscriber can catch up with SUBSCRIBE since.
+    logger.exception("broadcast failed job_ids=%s", ",".join(str(job.id) for job in jobs[:10]))
+
+
+async def abroadcast(client: aioredis.Redis, jobs: Iterable[Job]) -> None:
+    """Publish the jobs' updates (one message per tenant) in one round trip; never raises."""
     jobs = list(jobs)
-    if jobs:
-        async_to_sync(abroadcast)(jobs)
+    if not jobs:
+        return
+    try:
+        pipe = client.pipeline(transaction=False)
+        for channel, message in update_messages(jobs):
+            pipe.publish(channel, message)
+        await pipe.execute()
+    except Exception:
+        _log_failure(jobs)
+
+
+def broadcast(client: redis.Redis, jobs: Iterable[Job]) -> None:
+    """Sync twin of `abroadcast` (the admin, management commands, the ORM fallback)."""
+    jobs = list(jobs)
+    if not jobs:
+        return
+    try:
+        pipe = client.pipeline(transaction=False)
+        for channel, message in update_messages(jobs):
+            pipe.publish(channel, message)
+        pipe.execute()
+    except Exception:
+        _log_failure(jobs)

@@ -1,10 +1,17 @@
 """The WebSocket endpoint `/ws` (SPEC §5): a tenant's job updates, live and with catch-up.
 
+Updates reach the socket through the process's realtime hub (realtime/hub.py): one Redis
+subscription per tenant per API process, fanned out in memory, each frame encoded once.
+
 Protocol decisions beyond the spec:
-- SUBSCRIBE answers SUBSCRIBED first; its `serverTime` is taken after joining the group and before
-  the database read, then the `since` replay follows, then live updates. A live update queued
-  before the replay and older than the replayed state of its job is dropped, so each job's frames
-  stay in order; an update committed during the replay may arrive twice (never zero times).
+- SUBSCRIBE answers SUBSCRIBED first; its `serverTime` is taken once the hub's subscription is
+  confirmed and before the database read, then the `since` replay follows, then live updates.
+  Live updates that arrive during the replay are held and sent after it, except those older than
+  the replayed state of their job, so each job's frames stay in order; an update committed
+  during the replay may arrive twice (never zero times).
+- If updates may have been lost (the hub's Redis connection dropped, or more than
+  LIVE_BUFFER_MAX updates arrived during a replay), the client gets the ERROR "updates dropped,
+  resubscribe with since".
 - A replay that hits SINCE_REPLAY_LIMIT ends with an ERROR "replay truncated, resubscribe with
   since" that carries the `since` to resume from.
 - Limits: a frame above 64 KiB closes the socket with 4009, more than 50 frames/s (burst 100) with
@@ -24,19 +31,20 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from asgiref.sync import sync_to_async
-from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.conf import settings
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
 from jobs import events
+from jobs.auth import aauthenticate
 from jobs.models import TENANT_ID_PATTERN, Tenant
+from jobs.orm import orm
 from jobs.queue import sync_client
 from jobs.selectors import job_updated_since
-from jobs.services import api_key_authenticate, hash_api_key
 from realtime.auth import is_staff_user
-from realtime.broadcast import iso, job_update_message, tenant_group
+from realtime.broadcast import iso, job_update_message
+from realtime.hub import Hub, get_hub
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +54,9 @@ CLOSE_MESSAGE_TOO_BIG = 4009
 CLOSE_CREDENTIALS_REVOKED = 4001
 UPDATES_DROPPED = "updates dropped, resubscribe with since"
 REPLAY_TRUNCATED = "replay truncated, resubscribe with since"
+# Live frames a socket may hold while its replay is sent; beyond that they are dropped and the
+# client is told to catch up.
+LIVE_BUFFER_MAX = 5000
 TENANT_ID_RE = re.compile(TENANT_ID_PATTERN)
 
 
@@ -77,20 +88,12 @@ class TokenBucket:
         return True
 
 
-@dataclass(slots=True)
-class ReplayFloors:
-    """The `updatedAt` of each job sent by a replay, to drop older live updates queued meanwhile."""
-
-    created: float
-    floors: dict[str, datetime]
-
-
-@database_sync_to_async
+@orm
 def _tenant_exists(tenant_id: str) -> bool:
     return Tenant.objects.filter(id=tenant_id).exists()
 
 
-@database_sync_to_async
+@orm
 def _jobs_updated_since(tenant_id: str, since: datetime, limit: int) -> list[dict[str, Any]]:
     # Frames are built in the thread: nothing lazy crosses back into the event loop.
     jobs = job_updated_since(tenant_id=tenant_id, since=since, limit=limit)
@@ -109,34 +112,6 @@ def _parse_time(value: Any) -> datetime | None:
     return parsed
 
 
-# One answer per key and process, shared by all its sockets: 1,000 subscribers of one tenant
-# re-check their key with one query, not 1,000.
-_key_checks: dict[str, tuple[float, bool]] = {}
-_key_checks_running: dict[str, asyncio.Task[bool]] = {}
-
-
-async def key_still_valid(raw_key: str, *, max_age: float) -> bool:
-    """Whether an API key still authenticates, from a check at most `max_age` seconds old."""
-    digest = hash_api_key(raw_key)
-    cached = _key_checks.get(digest)
-    if cached is not None and time.monotonic() - cached[0] < max_age:
-        return cached[1]
-    task = _key_checks_running.get(digest)
-    if task is None or task.get_loop() is not asyncio.get_running_loop():
-
-        async def check() -> bool:
-            try:
-                tenant = await database_sync_to_async(api_key_authenticate)(raw_key=raw_key)
-                _key_checks[digest] = (time.monotonic(), tenant is not None)
-                return tenant is not None
-            finally:
-                _key_checks_running.pop(digest, None)
-
-        task = asyncio.ensure_future(check())
-        _key_checks_running[digest] = task
-    return await asyncio.shield(task)
-
-
 async def _count_connection(delta: int) -> bool:
     """Keep the open-connections gauge of /metrics (jobs/events.py); never fails a socket."""
     try:
@@ -149,8 +124,42 @@ async def _count_connection(delta: int) -> bool:
     return True
 
 
+class KeySockets:
+    """The open sockets of one process that authenticated with an API key, by tenant, so that a
+    change to a tenant's keys (announced on the hub) re-checks just those sockets."""
+
+    def __init__(self, hub: Hub) -> None:
+        self.by_tenant: dict[str, set[JobUpdatesConsumer]] = {}
+        hub.on_auth_change(self.changed)
+
+    def add(self, consumer: JobUpdatesConsumer, tenant_id: str) -> None:
+        self.by_tenant.setdefault(tenant_id, set()).add(consumer)
+
+    def discard(self, consumer: JobUpdatesConsumer, tenant_id: str) -> None:
+        sockets = self.by_tenant.get(tenant_id)
+        if sockets is not None:
+            sockets.discard(consumer)
+            if not sockets:
+                del self.by_tenant[tenant_id]
+
+    def changed(self, tenant_id: str) -> None:
+        groups = self.by_tenant.values() if not tenant_id else [self.by_tenant.get(tenant_id, ())]
+        for consumer in [c for group in groups for c in group]:
+            consumer.schedule_credentials_check()
+
+
+_key_sockets: dict[int, KeySockets] = {}
+
+
+def key_sockets(hub: Hub) -> KeySockets:
+    registry = _key_sockets.get(id(hub))
+    if registry is None:
+        registry = _key_sockets[id(hub)] = KeySockets(hub)
+    return registry
+
+
 class JobUpdatesConsumer(AsyncJsonWebsocketConsumer):
-    """`/ws`: SUBSCRIBE/UNSUBSCRIBE/PING from the client, JOB_UPDATE frames from the channel layer.
+    """`/ws`: SUBSCRIBE/UNSUBSCRIBE/PING from the client, JOB_UPDATE frames from the hub.
 
     The scope comes from `realtime.auth`: `tenant` (API key) and/or a staff `user`.
     """
@@ -159,18 +168,17 @@ class JobUpdatesConsumer(AsyncJsonWebsocketConsumer):
     rate_per_second = 50.0
     rate_burst = 100
     max_subscriptions = 100
-    # An open socket re-checks its API key this often, so a revoked key or a deactivated tenant
-    # stops receiving updates within that time.
-    recheck_credentials_s = 5.0
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.subscriptions: set[str] = set()
-        self.replays: dict[str, ReplayFloors] = {}
+        # Live frames held while a tenant's `since` replay is being sent.
+        self.held: dict[str, list[str]] = {}
+        self.dropped_while_held: set[str] = set()
         self.bucket = TokenBucket(rate=self.rate_per_second, burst=self.rate_burst)
         self.closing = False
-        self.drop_reported = False
-        self.credentials_checked_at = time.monotonic()
+        self.hub: Hub | None = None
+        self.credentials_check: asyncio.Task[None] | None = None
 
     # --- identity ---------------------------------------------------------------------------
     @property
@@ -197,6 +205,10 @@ class JobUpdatesConsumer(AsyncJsonWebsocketConsumer):
             # The auth middleware refuses these; this guards a routing without it.
             await self.close()
             return
+        self.hub = get_hub()
+        self.hub.start()
+        if self.tenant is not None and self.scope.get("api_key"):
+            key_sockets(self.hub).add(self, self.tenant.id)
         await self.accept()
         self.counted = await _count_connection(+1)
         if self.is_staff:
@@ -206,18 +218,18 @@ class JobUpdatesConsumer(AsyncJsonWebsocketConsumer):
         await self.send_json({"type": "CONNECTED", "message": message})
 
     async def disconnect(self, code: int) -> None:
-        """Leave every group this socket joined."""
+        """Stop every subscription of this socket."""
+        self.closing = True
         if getattr(self, "counted", False):
             self.counted = False
             await _count_connection(-1)
-        for tenant_id in list(self.subscriptions):
-            try:
-                await self.channel_layer.group_discard(tenant_group(tenant_id), self.channel_name)
-            except Exception:
-                # The membership expires with the layer's group_expiry; nothing else to undo.
-                logger.exception("group_discard failed tenant=%s %s", tenant_id, self.identity)
+        if self.hub is not None:
+            if self.tenant is not None:
+                key_sockets(self.hub).discard(self, self.tenant.id)
+            for tenant_id in list(self.subscriptions):
+                await self.hub.unsubscribe(tenant_id, self)
         self.subscriptions.clear()
-        self.replays.clear()
+        self.held.clear()
 
     async def close_with(self, code: int, reason: str) -> None:
         """Close the socket for abuse; later frames of this connection are ignored."""
@@ -294,11 +306,11 @@ class JobUpdatesConsumer(AsyncJsonWebsocketConsumer):
         await self.send_json({"type": "ERROR", "message": message, **extra})
 
     async def subscribe(self, content: dict[str, Any]) -> None:
-        """Join a tenant's group, answer SUBSCRIBED, then replay the changes after `since`."""
+        """Subscribe to a tenant's updates, answer SUBSCRIBED, then replay those after `since`."""
         tenant_id = self._tenant_id(content)
         since = self._since(content)
         # A revoked key must not get a replay from the database on an old socket.
-        if not await self._credentials_still_valid(force=True):
+        if not await self._credentials_still_valid():
             return
         await self._authorize(tenant_id)
         if tenant_id not in self.subscriptions and len(self.subscriptions) >= (
@@ -306,18 +318,22 @@ class JobUpdatesConsumer(AsyncJsonWebsocketConsumer):
         ):
             raise ProtocolError(f"too many subscriptions (at most {self.max_subscriptions})")
 
-        # Join before reading the database: an update committed meanwhile then arrives live
+        # Subscribe before reading the database: an update committed meanwhile then arrives live
         # (perhaps also in the replay) instead of falling into the gap between the two.
-        await self.channel_layer.group_add(tenant_group(tenant_id), self.channel_name)
+        if since is not None:
+            self.held[tenant_id] = []
+        try:
+            await self.hub.subscribe(tenant_id, self)
+        except (ConnectionError, TimeoutError) as exc:
+            self.held.pop(tenant_id, None)
+            logger.warning("subscribe failed tenant=%s %s: %s", tenant_id, self.identity, exc)
+            raise ProtocolError("live updates are unavailable right now; try again") from exc
         self.subscriptions.add(tenant_id)
-        self.replays.pop(tenant_id, None)
         server_time = timezone.now()
         await self.send_json(
             {"type": "SUBSCRIBED", "tenantId": tenant_id, "serverTime": iso(server_time)}
         )
         if since is not None:
-            # The client asked to catch up, so earlier overflow is covered: report new ones.
-            self.drop_reported = False
             await self._replay(tenant_id, since)
 
     async def _replay(self, tenant_id: str, since: datetime) -> None:
@@ -329,22 +345,50 @@ class JobUpdatesConsumer(AsyncJsonWebsocketConsumer):
             if updated_at is not None:
                 floors[frame["jobId"]] = updated_at
             await self.send_json(frame)
-        self.replays[tenant_id] = ReplayFloors(created=time.monotonic(), floors=floors)
         if len(frames) >= limit:
             # Resume one microsecond early: jobs sharing the last timestamp are not skipped.
             last = _parse_time(frames[-1]["updatedAt"])
             resume = last - timedelta(microseconds=1) if last else since
             await self.send_error(REPLAY_TRUNCATED, tenantId=tenant_id, since=iso(resume))
+        await self._release_held(tenant_id, floors)
+
+    async def _release_held(self, tenant_id: str, floors: dict[str, datetime]) -> None:
+        """Send the live frames held during a replay, minus those the replay already covered."""
+        if tenant_id in self.dropped_while_held:
+            self.dropped_while_held.discard(tenant_id)
+            logger.warning("live updates dropped during a replay %s", self.identity)
+            await self.send_error(UPDATES_DROPPED)
+        while True:
+            held = self.held.get(tenant_id)
+            if not held:
+                self.held.pop(tenant_id, None)
+                return
+            self.held[tenant_id] = []
+            for text in held:
+                if not self._covered_by_replay(text, floors):
+                    await self.send(text_data=text)
+
+    @staticmethod
+    def _covered_by_replay(text: str, floors: dict[str, datetime]) -> bool:
+        if not floors:
+            return False
+        try:
+            update = json.loads(text)
+        except ValueError:
+            return False
+        floor = floors.get(update.get("jobId"))
+        updated_at = _parse_time(update.get("updatedAt"))
+        return floor is not None and updated_at is not None and updated_at <= floor
 
     async def unsubscribe(self, content: dict[str, Any]) -> None:
-        """Leave a tenant's group and answer UNSUBSCRIBED."""
+        """Stop a tenant's updates and answer UNSUBSCRIBED."""
         tenant_id = self._tenant_id(content)
         if tenant_id not in self.subscriptions:
             raise ProtocolError(f"not subscribed to tenant {tenant_id!r}")
-        # Forget it first: updates already queued for this socket are filtered in job_update.
         self.subscriptions.discard(tenant_id)
-        self.replays.pop(tenant_id, None)
-        await self.channel_layer.group_discard(tenant_group(tenant_id), self.channel_name)
+        self.held.pop(tenant_id, None)
+        self.dropped_while_held.discard(tenant_id)
+        await self.hub.unsubscribe(tenant_id, self)
         await self.send_json({"type": "UNSUBSCRIBED", "tenantId": tenant_id})
 
     def _tenant_id(self, content: dict[str, Any]) -> str:
@@ -376,90 +420,50 @@ class JobUpdatesConsumer(AsyncJsonWebsocketConsumer):
         # Same answer whether the tenant exists or not: a key learns nothing about others.
         raise ProtocolError(f"not allowed to subscribe to tenant {tenant_id!r}")
 
-    # --- channel layer to client ------------------------------------------------------------
-    async def job_update(self, event: dict[str, Any]) -> None:
-        """Forward a `job.update` event's JOB_UPDATE frames (`updates`, in order, or a single
-        `update`) to a client subscribed to their tenant."""
-        updates = event.get("updates")
-        if updates is None:
-            updates = [event.get("update")]
-        if not isinstance(updates, list):
-            logger.warning("malformed job.update event ignored %s", self.identity)
+    # --- hub to client ----------------------------------------------------------------------
+    async def deliver(self, tenant: str, frames: list[str]) -> None:
+        """Send a tenant's JOB_UPDATE frames (already JSON) from the hub, or hold them while
+        that tenant's replay is under way."""
+        if self.closing or tenant not in self.subscriptions:
             return
-        for update in updates:
-            if self.closing:
-                return
-            await self._forward_update(update)
+        held = self.held.get(tenant)
+        if held is not None:
+            held.extend(frames)
+            if len(held) > LIVE_BUFFER_MAX:
+                # Keep the newest; the client is told after the replay, before they are sent.
+                del held[: len(held) - LIVE_BUFFER_MAX]
+                self.dropped_while_held.add(tenant)
+            return
+        for text in frames:
+            await self.send(text_data=text)
 
-    async def _forward_update(self, update: Any) -> None:
-        if not isinstance(update, dict):
-            logger.warning("malformed job.update event ignored %s", self.identity)
-            return
-        tenant_id = update.get("tenantId")
-        if tenant_id not in self.subscriptions:
-            # Queued before UNSUBSCRIBE, or a stray message: never leak another tenant's update.
-            return
-        if not await self._credentials_still_valid():
-            return
-        await self._report_dropped_updates()
-        if self._older_than_replay(tenant_id, update):
-            return
-        await self.send_json(update)
+    def updates_lost(self) -> None:
+        """The hub may have missed updates (its Redis connection dropped): tell the client, and
+        re-check the key, whose revocation may have been missed too."""
+        self._warn_lost()
+        self.schedule_credentials_check()
 
-    async def _credentials_still_valid(self, *, force: bool = False) -> bool:
-        """Re-check an API key at most every `recheck_credentials_s`; close if it was revoked."""
+    def _warn_lost(self) -> None:
+        if self.closing or not self.subscriptions:
+            return
+        logger.warning("updates may have been lost %s", self.identity)
+        asyncio.get_running_loop().create_task(self.send_error(UPDATES_DROPPED))
+
+    def schedule_credentials_check(self) -> None:
+        """Re-check this socket's API key soon (its tenant's keys changed)."""
+        if self.closing or self.scope.get("api_key") is None:
+            return
+        if self.credentials_check is None or self.credentials_check.done():
+            self.credentials_check = asyncio.get_running_loop().create_task(
+                self._credentials_still_valid()
+            )
+
+    async def _credentials_still_valid(self) -> bool:
+        """Whether the socket's API key still authenticates; closes the socket if not."""
         raw_key = self.scope.get("api_key")
-        now = time.monotonic()
-        if raw_key is None or (
-            not force and now - self.credentials_checked_at < self.recheck_credentials_s
-        ):
+        if raw_key is None:
             return True
-        self.credentials_checked_at = now
-        max_age = 0.0 if force else self.recheck_credentials_s
-        if await key_still_valid(raw_key, max_age=max_age):
+        if await aauthenticate(raw_key) is not None:
             return True
         await self.close_with(CLOSE_CREDENTIALS_REVOKED, "API key revoked or tenant inactive")
         return False
-
-    def _older_than_replay(self, tenant_id: str, update: dict[str, Any]) -> bool:
-        replay = self.replays.get(tenant_id)
-        if replay is None:
-            return False
-        # Updates queued before the replay are delivered within the layer's message expiry;
-        # after that the floors are dead weight.
-        if time.monotonic() - replay.created > getattr(self.channel_layer, "expiry", 60):
-            del self.replays[tenant_id]
-            return False
-        job_id = update.get("jobId")
-        floor = replay.floors.get(job_id) if isinstance(job_id, str) else None
-        if floor is None:
-            return False
-        updated_at = _parse_time(update.get("updatedAt"))
-        if updated_at is not None and updated_at <= floor:
-            return True
-        # Newer than the replayed state: every later update of this job is newer still.
-        del replay.floors[job_id]
-        return False
-
-    async def _report_dropped_updates(self) -> None:
-        """Tell the client once when its channel-layer buffer overflowed and may have dropped
-        updates (channels_redis drops the oldest message of a full buffer without a trace)."""
-        # Best effort: the buffer is a channels_redis implementation detail (absent elsewhere).
-        buffers = getattr(self.channel_layer, "receive_buffer", None)
-        queue = buffers.get(self.channel_name) if isinstance(buffers, dict) else None
-        if queue is None or queue.maxsize <= 1:
-            self.drop_reported = False
-            return
-        size = queue.qsize()
-        if size >= queue.maxsize - 1:
-            # Full as of the last message taken: the next one in may already have evicted one.
-            if not self.drop_reported:
-                self.drop_reported = True
-                logger.warning(
-                    "websocket receive buffer full (%s), updates may be dropped %s",
-                    size,
-                    self.identity,
-                )
-                await self.send_error(UPDATES_DROPPED)
-        elif size < queue.maxsize // 2:
-            self.drop_reported = False

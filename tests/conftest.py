@@ -1,5 +1,5 @@
 """Shared fixtures. Tests use the machine's real PostgreSQL and Redis; each test gets its own
-Redis key prefix (queue keys and channel-layer groups) and removes its keys afterwards."""
+Redis key prefix (queue keys and pub/sub channels) and removes its keys afterwards."""
 
 from __future__ import annotations
 
@@ -16,15 +16,9 @@ from jobs.services import api_key_create
 
 @pytest.fixture(autouse=True)
 def redis_prefix(settings) -> Iterator[str]:  # type: ignore[no-untyped-def]
-    """A private Redis prefix for this test, for the queue and the channel layer."""
+    """A private Redis prefix for this test, for the queue and the update channels."""
     prefix = f"test-{uuid.uuid4().hex[:12]}"
     settings.JOBS = {**settings.JOBS, "REDIS_PREFIX": prefix}
-    layers = {**settings.CHANNEL_LAYERS}
-    layers["default"] = {
-        **layers["default"],
-        "CONFIG": {**layers["default"]["CONFIG"], "prefix": f"{prefix}:asgi"},
-    }
-    settings.CHANNEL_LAYERS = layers
     yield prefix
     client = redis.Redis.from_url(settings.REDIS_URL)
     try:

@@ -12,7 +12,6 @@ from typing import Any
 
 import pytest
 from asgiref.sync import sync_to_async
-from channels.layers import get_channel_layer
 from django.core import mail
 from django.db import OperationalError, connection
 from django.utils import timezone
@@ -24,7 +23,7 @@ from jobs.models import Job, JobStatus, Tenant
 from jobs.queue import entry_for, parse_claim, sync_queue
 from jobs.services import JobSpec, job_cancel, job_enqueue
 from jobs.worker import Worker, WorkerOptions
-from realtime.broadcast import tenant_group
+from tests.support.updates import listen_to_tenant
 from tests.support.webhook_server import WebhookServer, webhook_server
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -378,23 +377,12 @@ def test_stale_ids_ahead_in_redis_do_not_end_a_burst_early(tenant: Tenant) -> No
 
 
 def collect_updates(tenant: Tenant, jobs: list[Job]) -> list[dict]:
-    """Run a burst worker while listening to the tenant's group; every update received."""
-
-    async def scenario() -> list[dict]:
-        layer = get_channel_layer()
-        channel = await layer.new_channel()
-        await layer.group_add(tenant_group(tenant.id), channel)
-        await asyncio.wait_for(make_worker().run(), timeout=60)
-        updates: list[dict] = []
-        while True:
-            try:
-                message = await asyncio.wait_for(layer.receive(channel), timeout=0.5)
-            except TimeoutError:
-                return updates
-            updates.extend(message["updates"])
-
+    """Run a burst worker while listening to the tenant's channel; every update received."""
+    with listen_to_tenant(tenant.id) as listener:
+        asyncio.run(asyncio.wait_for(make_worker().run(), timeout=60))
+        updates = listener.settle()
     ids = {str(job.id) for job in jobs}
-    return [u for u in asyncio.run(scenario()) if u["jobId"] in ids]
+    return [u for u in updates if u["jobId"] in ids]
 
 
 def test_progress_is_stored_and_broadcast_in_order(tenant: Tenant) -> None:

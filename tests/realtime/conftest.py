@@ -1,4 +1,4 @@
-"""Helpers for WebSocket tests: real ASGI application, real channels_redis, real PostgreSQL."""
+"""Helpers for WebSocket tests: real ASGI application, real Redis pub/sub, real PostgreSQL."""
 
 from __future__ import annotations
 
@@ -21,7 +21,9 @@ from django.utils import timezone
 
 from config.asgi import application
 from jobs.models import Job, JobStatus, Tenant
+from jobs.queue import close_async_queue
 from realtime.consumers import _jobs_updated_since
+from realtime.hub import close_hub
 
 Headers = Sequence[tuple[bytes, bytes]]
 
@@ -37,6 +39,9 @@ async def close_sync_thread_connections() -> AsyncIterator[None]:
     or the test database cannot be dropped at the end of the session."""
     yield
     await sync_to_async(connections.close_all)()
+    # The hub and the Redis client belong to this test's event loop, which ends with it.
+    await close_hub()
+    await close_async_queue()
 
 
 def ws_path(token: str | None = None) -> str:
@@ -135,7 +140,7 @@ class ReplayGate:
     """Holds a consumer's `since` replay just before (or after) its database read until
     `release()`.
 
-    Lets a test put channel-layer traffic exactly between "joined the group" and "read the
+    Lets a test put published updates exactly between "subscribed" and "read the
     database". It waits in the event loop, not in the sync thread, so other sockets keep running.
     """
 

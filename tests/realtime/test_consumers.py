@@ -1,7 +1,8 @@
-"""SPEC §5 over a real socket stack: config.asgi, channels_redis on Redis, PostgreSQL."""
+"""SPEC §5 over a real socket stack: config.asgi, the realtime hub on Redis, PostgreSQL."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from datetime import datetime, timedelta
 from typing import Any
@@ -13,10 +14,13 @@ from django.conf import settings as django_settings
 from django.utils import timezone
 
 from jobs.models import Job, JobStatus, Tenant
-from realtime.broadcast import abroadcast, iso, job_update_message, tenant_group
+from jobs.queue import async_queue
+from realtime.broadcast import abroadcast, iso, job_update_message
 from realtime.consumers import REPLAY_TRUNCATED, UPDATES_DROPPED, JobUpdatesConsumer
+from realtime.hub import get_hub, updates_channel
 from tests.realtime.conftest import (
     ALLOWED_ORIGIN,
+    RECEIVE_TIMEOUT,
     ReplayGate,
     assert_alive,
     create_job,
@@ -46,13 +50,18 @@ async def advance(job: Job, status: str, **changes: Any) -> Job:
     for name, value in changes.items():
         setattr(job, name, value)
     await job.asave()
-    await abroadcast([job])
+    await publish([job])
     return job
+
+
+async def publish(jobs: list[Job]) -> None:
+    """Publish the jobs' updates as the API and the workers do."""
+    await abroadcast(async_queue().client, jobs)
 
 
 async def create_and_broadcast(tenant: Tenant) -> Job:
     job = await create_job(tenant)
-    await abroadcast([job])
+    await publish([job])
     return job
 
 
@@ -187,15 +196,27 @@ async def test_staff_receives_updates_of_every_subscribed_tenant(
         }
 
 
-async def test_disconnect_leaves_the_groups(api_key: str, tenant: Tenant) -> None:
-    layer_prefix = django_settings.CHANNEL_LAYERS["default"]["CONFIG"]["prefix"]
-    group_key = f"{layer_prefix}:group:{tenant_group('tenant-1')}"
+async def test_process_subscribes_once_per_tenant_and_leaves_with_the_last_socket(
+    api_key: str, tenant: Tenant, redis_prefix: str
+) -> None:
+    channel = updates_channel(redis_prefix, "tenant-1")
     client = redis.asyncio.Redis.from_url(django_settings.REDIS_URL)
+
+    async def subscribers() -> int:
+        return dict(await client.pubsub_numsub(channel))[channel.encode()]
+
     try:
-        async with open_ws(token=api_key) as comm:
-            await subscribe(comm, "tenant-1")
-            assert await client.zcard(group_key) == 1
-        assert await client.zcard(group_key) == 0
+        async with open_ws(token=api_key) as first, open_ws(token=api_key) as second:
+            await subscribe(first, "tenant-1")
+            await subscribe(second, "tenant-1")
+            # Two sockets, one Redis subscription: an update is read once by this process.
+            assert await subscribers() == 1
+            job = await create_and_broadcast(tenant)
+            assert (await receive(first))["jobId"] == str(job.id)
+            assert (await receive(second))["jobId"] == str(job.id)
+            await first.disconnect()
+            assert await subscribers() == 1
+        assert await subscribers() == 0
     finally:
         await client.aclose()
 
@@ -265,7 +286,7 @@ async def test_live_update_older_than_the_replay_is_not_sent(
         # Joined, not yet read: a RUNNING broadcast delayed from before the COMPLETED write.
         stale = Job(**{f.attname: getattr(job, f.attname) for f in Job._meta.concrete_fields})
         stale.status, stale.updated_at = JobStatus.RUNNING, now - timedelta(seconds=1)
-        await abroadcast([stale])
+        await publish([stale])
         replay_gate.release()
 
         assert await receive(comm) == job_update_message(job)  # the replay
@@ -294,38 +315,57 @@ async def test_update_committed_during_the_replay_is_not_lost(
 
 
 async def test_overflowing_client_is_told_updates_were_dropped(
-    settings: Any, redis_prefix: str, api_key: str, tenant: Tenant, replay_gate: ReplayGate
+    monkeypatch: pytest.MonkeyPatch, api_key: str, tenant: Tenant, replay_gate: ReplayGate
 ) -> None:
-    layers = {**settings.CHANNEL_LAYERS}
-    layers["default"] = {
-        **layers["default"],
-        "CONFIG": {**layers["default"]["CONFIG"], "capacity": 5},
-    }
-    settings.CHANNEL_LAYERS = layers
+    monkeypatch.setattr("realtime.consumers.LIVE_BUFFER_MAX", 5)
     job = await create_job(tenant)
     async with open_ws(token=api_key) as slow, open_ws(token=api_key) as fast:
         await subscribe(fast, "tenant-1")
         await subscribe(slow, "tenant-1", since=iso(timezone.now()))
         await replay_gate.wait_entered()
-        # `slow` is stuck in its replay; `fast` keeps reading, which moves each message out of
-        # Redis into both sockets' buffers in this process: slow's overflows. (Paced, so that
-        # the process's Redis list, which has the same capacity, never fills.)
+        # `slow` is stuck in its replay and holds live updates meanwhile, at most 5; `fast`
+        # gets every one as it happens.
         for attempt in range(1, 21):
             job.attempts, job.updated_at = attempt, timezone.now()
-            await abroadcast([job])
+            await publish([job])
             assert (await receive(fast))["attempts"] == attempt
         replay_gate.release()
 
         frames = []
         while not await slow.receive_nothing(timeout=0.3):
             frames.append(await receive(slow))
-        assert {"type": "ERROR", "message": UPDATES_DROPPED} in frames
+        assert frames[0] == {"type": "ERROR", "message": UPDATES_DROPPED}
         updates = [f["attempts"] for f in frames if f["type"] == "JOB_UPDATE"]
-        assert len(updates) < 20
-        assert updates == sorted(updates)
-        assert updates[-1] == 20
+        assert updates == [16, 17, 18, 19, 20]
         await assert_alive(slow)
     assert not [f for f in frames if f.get("message") == UPDATES_DROPPED][1:]
+
+
+async def test_lost_redis_connection_tells_subscribers_and_they_keep_receiving(
+    api_key: str, tenant: Tenant, redis_prefix: str
+) -> None:
+    async with open_ws(token=api_key) as comm:
+        await subscribe(comm, "tenant-1")
+        client = redis.asyncio.Redis.from_url(django_settings.REDIS_URL)
+        try:
+            # Kill this process's pub/sub connection, as a Redis restart or a network blip would.
+            name = get_hub().client_name
+            clients = await client.client_list(_type="pubsub")
+            ids = [c["id"] for c in clients if c["name"] == name]
+            assert len(ids) == 1, clients
+            await client.client_kill_filter(_id=ids[0])
+        finally:
+            await client.aclose()
+        assert await receive(comm) == {"type": "ERROR", "message": UPDATES_DROPPED}
+        await assert_alive(comm)
+        # The hub resubscribed: updates flow again on the same socket.
+        deadline = asyncio.get_running_loop().time() + RECEIVE_TIMEOUT
+        while True:
+            job = await create_and_broadcast(tenant)
+            if not await comm.receive_nothing(timeout=0.2):
+                assert (await receive(comm))["jobId"] == str(job.id)
+                break
+            assert asyncio.get_running_loop().time() < deadline, "no update after reconnecting"
 
 
 # --- bad input and abuse --------------------------------------------------------------------
@@ -393,12 +433,12 @@ async def test_revoked_key_stops_an_open_socket(
 ) -> None:
     from jobs.services import api_key_revoke
 
-    monkeypatch.setattr(JobUpdatesConsumer, "recheck_credentials_s", 0.0)
     async with open_ws(token=api_key) as comm:
         await subscribe(comm, "tenant-1")
         first = await create_and_broadcast(tenant)
         assert (await receive(comm))["jobId"] == str(first.id)
+        # The revocation is announced on Redis; the socket is re-checked and closed at once,
+        # without waiting for an update.
         await database_sync_to_async(api_key_revoke)(prefix=api_key.split("_")[1])
-        await create_and_broadcast(tenant)
-        closed = await comm.receive_output(timeout=5)
+        closed = await comm.receive_output(timeout=2)
         assert closed["type"] == "websocket.close" and closed["code"] == 4001

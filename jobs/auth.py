@@ -1,0 +1,121 @@
+"""API-key authentication for the event loop, answered from memory in the normal case.
+
+A key's tenant is cached per process for at most KEY_CACHE_TTL_S, and only while the process's
+realtime hub (realtime/hub.py) is subscribed to the `P:auth` channel: every change to a key or a
+tenant (revocation, deactivation, new limits, deletion) is announced there after commit, and each
+API process drops that tenant's entries at once. If the subscription is down, or was re-made since
+an entry was cached, the entry is not trusted and the database answers. Revocation therefore takes
+effect on every API process within a pub/sub round trip, and within KEY_CACHE_TTL_S at worst.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from django.conf import settings
+from django.db import transaction
+
+from jobs.models import Tenant
+from jobs.orm import orm
+from jobs.queue import sync_client
+from jobs.services import api_key_authenticate, hash_api_key
+from realtime.hub import Hub, auth_channel, running_hub
+
+logger = logging.getLogger(__name__)
+
+KEY_CACHE_TTL_S = 5.0
+KEY_CACHE_MAX = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    tenant: Tenant
+    cached_at: float
+    generation: int
+
+
+class KeyCache:
+    """Key digest -> tenant, for one hub (one process)."""
+
+    def __init__(self) -> None:
+        self.entries: dict[str, _Entry] = {}
+        # Bumped by every invalidation: a lookup that overlapped one does not cache its answer.
+        self.epoch = 0
+
+    def get(self, digest: str, hub: Hub) -> Tenant | None:
+        entry = self.entries.get(digest)
+        if entry is None:
+            return None
+        if (
+            not hub.connected
+            or entry.generation != hub.generation
+            or time.monotonic() - entry.cached_at > KEY_CACHE_TTL_S
+        ):
+            del self.entries[digest]
+            return None
+        return entry.tenant
+
+    def put(self, digest: str, tenant: Tenant, hub: Hub) -> None:
+        if len(self.entries) >= KEY_CACHE_MAX:
+            # Bounded: a flood of distinct valid keys costs lookups, never memory.
+            self.entries.clear()
+        self.entries[digest] = _Entry(tenant, time.monotonic(), hub.generation)
+
+    def invalidate(self, tenant_id: str) -> None:
+        """Forget a tenant's keys (every key if `tenant_id` is empty)."""
+        self.epoch += 1
+        if not tenant_id:
+            self.entries.clear()
+            return
+        for digest in [d for d, e in self.entries.items() if e.tenant.id == tenant_id]:
+            self.entries.pop(digest, None)
+
+
+_caches: dict[int, KeyCache] = {}
+
+
+def _cache_for(hub: Hub) -> KeyCache:
+    cache = _caches.get(id(hub))
+    if cache is None:
+        cache = _caches[id(hub)] = KeyCache()
+        hub.on_auth_change(cache.invalidate)
+    return cache
+
+
+def well_formed(raw_key: str) -> bool:
+    return raw_key.startswith("jq_") and len(raw_key) <= 200
+
+
+async def aauthenticate(raw_key: str) -> Tenant | None:
+    """The active tenant of an API key, or None; from memory when the hub vouches for it."""
+    if not well_formed(raw_key):
+        return None
+    hub = running_hub()
+    if hub is None or not hub.connected:
+        return await orm(api_key_authenticate)(raw_key=raw_key)
+    cache = _cache_for(hub)
+    digest = hash_api_key(raw_key)
+    tenant = cache.get(digest, hub)
+    if tenant is not None:
+        return tenant
+    generation, epoch = hub.generation, cache.epoch
+    tenant = await orm(api_key_authenticate)(raw_key=raw_key)
+    # An invalidation may have arrived while the database answered: cache only if none could.
+    if tenant is not None and hub.generation == generation and cache.epoch == epoch:
+        cache.put(digest, tenant, hub)
+    return tenant
+
+
+def announce_auth_change(tenant_id: str) -> None:
+    """Tell every API process, after commit, that a tenant's keys or settings changed."""
+
+    def publish() -> None:
+        try:
+            sync_client().publish(auth_channel(settings.JOBS["REDIS_PREFIX"]), tenant_id)
+        except Exception:
+            # The cache's TTL is the backstop when the announcement cannot be made.
+            logger.exception("could not announce an auth change tenant=%s", tenant_id)
+
+    transaction.on_commit(publish)

@@ -1,0 +1,307 @@
+"""One Redis pub/sub connection per API process, shared by every socket it serves.
+
+Each job state change is PUBLISHed once, on its tenant's channel (`P:updates:{tenant}`), by
+whoever wrote it (the API after commit, a worker after its write). The hub SUBSCRIBEs to a
+tenant's channel while at least one local socket watches that tenant and hands each message to
+those sockets in memory, so an update costs one publish and one read per API process however many
+sockets watch the tenant. The hub also listens on `P:auth`, where changes to keys and tenants are
+announced, so that API-key lookups can be cached (jobs/auth.py) and open sockets re-checked.
+
+If the connection drops, every listener is told (`updates_lost`) at once: messages published
+until the hub is subscribed again are gone, so subscribers are asked to catch up from the
+database (SUBSCRIBE with `since`, which waits for the hub to be back before it reads).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import redis.asyncio as aioredis
+from django.conf import settings
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+logger = logging.getLogger(__name__)
+
+RECONNECT_DELAYS_S = (0.05, 0.2, 0.5, 1.0, 2.0)
+SUBSCRIBE_TIMEOUT_S = 5.0
+READ_TIMEOUT_S = 5.0
+
+
+def updates_channel(prefix: str, tenant: str) -> str:
+    """The pub/sub channel of one tenant's job updates."""
+    return f"{prefix}:updates:{tenant}"
+
+
+def auth_channel(prefix: str) -> str:
+    """The pub/sub channel announcing changes to API keys and tenants (payload: tenant id)."""
+    return f"{prefix}:auth"
+
+
+def encode_frames(texts: list[str]) -> str:
+    """One pub/sub message for several JOB_UPDATE frames (JSON texts never hold a raw newline)."""
+    return "\n".join(texts)
+
+
+class Listener(Protocol):
+    """A local socket subscribed to tenants' updates."""
+
+    async def deliver(self, tenant: str, frames: list[str]) -> None: ...
+
+    def updates_lost(self) -> None: ...
+
+
+@dataclass(eq=False)
+class _Channel:
+    listeners: set[Listener] = field(default_factory=set)
+
+
+class Hub:
+    """The process's subscriber. Lives in the event loop that first used it."""
+
+    def __init__(self, *, url: str, prefix: str) -> None:
+        self.url = url
+        self.prefix = prefix
+        self.loop: asyncio.AbstractEventLoop | None = None
+        # Bumped on every (re)connection: a cache entry taken under an older generation may have
+        # missed an invalidation.
+        self.generation = 0
+        self.connected = False
+        self._channels: dict[str, _Channel] = {}
+        # One future per SUBSCRIBE sent, resolved by its confirmation (Redis answers in order).
+        self._acks: dict[str, deque[asyncio.Future[None]]] = {}
+        self._auth_callbacks: list[Callable[[str], None]] = []
+        self._pubsub: Any = None
+        self._task: asyncio.Task[None] | None = None
+        self._up = asyncio.Event()
+        # Shown by CLIENT LIST, so operators (and tests) can tell this connection apart.
+        self.client_name = f"{prefix}:hub:{os.getpid()}"
+
+    # --- lifecycle ------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the reader task in the running loop (idempotent)."""
+        if self._task is None or self._task.done():
+            self.loop = asyncio.get_running_loop()
+            self._task = self.loop.create_task(self._run(), name="realtime-hub")
+
+    async def close(self) -> None:
+        """Stop reading and close the connection (tests, shutdown)."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self._task = None
+        self.connected = False
+
+    async def wait_connected(self, within_s: float) -> bool:
+        """Wait until the subscription is live; False if it is not within `within_s`."""
+        self.start()
+        try:
+            await asyncio.wait_for(self._up.wait(), within_s)
+        except TimeoutError:
+            return False
+        return self.connected
+
+    def on_auth_change(self, callback: Callable[[str], None]) -> None:
+        """Call `callback(tenant_id)` whenever a key or tenant changes (from any process)."""
+        self._auth_callbacks.append(callback)
+
+    # --- subscriptions --------------------------------------------------------------------------
+    async def subscribe(self, tenant: str, listener: Listener) -> None:
+        """Deliver `tenant`'s updates to `listener` from now on. Returns once Redis confirmed the
+        subscription, so a change published after this returns is delivered; raises
+        ConnectionError if Redis cannot be reached."""
+        self.start()
+        name = updates_channel(self.prefix, tenant)
+        channel = self._channels.get(name)
+        if channel is None:
+            self._channels[name] = _Channel({listener})
+            if self.connected:
+                await self._send_subscribe([name])
+                return
+        else:
+            channel.listeners.add(listener)
+        # Not connected yet: the reader subscribes to every channel on (re)connection.
+        if not self.connected and not await self.wait_connected(SUBSCRIBE_TIMEOUT_S):
+            raise ConnectionError("realtime updates are unavailable (Redis unreachable)")
+        pending = self._acks.get(name)
+        if pending:
+            await asyncio.wait_for(asyncio.shield(pending[-1]), SUBSCRIBE_TIMEOUT_S)
+
+    async def unsubscribe(self, tenant: str, listener: Listener) -> None:
+        """Stop delivering `tenant`'s updates to `listener`."""
+        name = updates_channel(self.prefix, tenant)
+        channel = self._channels.get(name)
+        if channel is None:
+            return
+        channel.listeners.discard(listener)
+        if channel.listeners:
+            return
+        del self._channels[name]
+        if self.connected:
+            try:
+                await self._pubsub.unsubscribe(name)
+            except Exception as exc:
+                # A channel nobody listens to only costs ignored messages until reconnection.
+                logger.warning("unsubscribe failed channel=%s: %s", name, exc)
+
+    async def _send_subscribe(self, names: list[str]) -> None:
+        loop = asyncio.get_running_loop()
+        futures = []
+        for name in names:
+            future: asyncio.Future[None] = loop.create_future()
+            self._acks.setdefault(name, deque()).append(future)
+            futures.append(future)
+        await self._pubsub.subscribe(*names)
+        await asyncio.wait_for(asyncio.gather(*futures), SUBSCRIBE_TIMEOUT_S)
+
+    # --- reading --------------------------------------------------------------------------------
+    async def _run(self) -> None:
+        attempt = 0
+        while True:
+            # No silent retries: a reconnection must be seen here, because messages published
+            # while the connection was down are lost and listeners have to be told.
+            client = aioredis.Redis.from_url(
+                self.url,
+                socket_connect_timeout=2,
+                socket_keepalive=True,
+                health_check_interval=10,
+                retry=Retry(NoBackoff(), 0),
+                client_name=self.client_name,
+            )
+            pubsub = client.pubsub()
+            try:
+                await pubsub.subscribe(auth_channel(self.prefix))
+                self._pubsub = pubsub
+                names = list(self._channels)
+                for name in names:
+                    self._acks.setdefault(name, deque()).append(
+                        asyncio.get_running_loop().create_future()
+                    )
+                if names:
+                    await pubsub.subscribe(*names)
+                self.connected = True
+                self.generation += 1
+                self._up.set()
+                if self.generation > 1:
+                    logger.warning("realtime hub reconnected")
+                attempt = 0
+                await self._read(pubsub)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                logger.warning("realtime hub connection lost (%s); reconnecting", exc)
+            finally:
+                was_connected = self.connected
+                self.connected = False
+                self._up.clear()
+                self._fail_acks()
+                self._pubsub = None
+                try:
+                    await pubsub.aclose()
+                    await client.aclose()
+                except Exception:
+                    logger.debug("closing the hub's connection failed", exc_info=True)
+                if was_connected:
+                    self._notify_lost()
+            await asyncio.sleep(RECONNECT_DELAYS_S[min(attempt, len(RECONNECT_DELAYS_S) - 1)])
+            attempt += 1
+
+    async def _read(self, pubsub: Any) -> None:
+        auth = auth_channel(self.prefix).encode()
+        while True:
+            # A bounded wait, so the idle connection's health check runs between reads.
+            message = await pubsub.get_message(timeout=READ_TIMEOUT_S)
+            if message is None:
+                continue
+            kind = message["type"]
+            name = message["channel"]
+            if kind == "message":
+                if name == auth:
+                    self._auth_changed(message["data"])
+                else:
+                    await self._dispatch(name.decode(), message["data"])
+            elif kind == "subscribe":
+                pending = self._acks.get(name.decode())
+                if pending:
+                    future = pending.popleft()
+                    if not future.done():
+                        future.set_result(None)
+                    if not pending:
+                        self._acks.pop(name.decode(), None)
+
+    async def _dispatch(self, name: str, data: bytes) -> None:
+        channel = self._channels.get(name)
+        if channel is None:
+            return
+        tenant = name.rsplit(":", 1)[1]
+        frames = data.decode().split("\n")
+        for listener in list(channel.listeners):
+            try:
+                await listener.deliver(tenant, frames)
+            except Exception:
+                # One broken socket must not keep the update from the others.
+                logger.exception("delivering an update failed tenant=%s", tenant)
+
+    def _auth_changed(self, data: bytes) -> None:
+        tenant = data.decode(errors="replace")
+        for callback in list(self._auth_callbacks):
+            try:
+                callback(tenant)
+            except Exception:
+                logger.exception("auth change callback failed tenant=%s", tenant)
+
+    def _notify_lost(self) -> None:
+        for channel in list(self._channels.values()):
+            for listener in list(channel.listeners):
+                listener.updates_lost()
+        for callback in list(self._auth_callbacks):
+            callback("")
+
+    def _fail_acks(self) -> None:
+        for pending in self._acks.values():
+            for future in pending:
+                if not future.done():
+                    future.set_exception(ConnectionError("Redis connection lost"))
+                    # Nobody may be awaiting it: retrieve the exception so it is not logged.
+                    future.exception()
+        self._acks.clear()
+
+
+_hubs: dict[asyncio.AbstractEventLoop, Hub] = {}
+
+
+def get_hub() -> Hub:
+    """The hub of the running event loop (one per API process in production)."""
+    loop = asyncio.get_running_loop()
+    hub = _hubs.get(loop)
+    prefix = settings.JOBS["REDIS_PREFIX"]
+    if hub is None or hub.prefix != prefix:
+        # Drop hubs of loops that are gone (tests run one loop per test).
+        for old in [key for key in _hubs if key.is_closed()]:
+            del _hubs[old]
+        hub = _hubs[loop] = Hub(url=settings.REDIS_URL, prefix=prefix)
+    return hub
+
+
+async def close_hub() -> None:
+    """Close the running loop's hub, if any (tests, which run one loop per test)."""
+    hub = _hubs.pop(asyncio.get_running_loop(), None)
+    if hub is not None:
+        await hub.close()
+
+
+def running_hub() -> Hub | None:
+    """The running loop's hub if one was started, else None (never starts one)."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+    return _hubs.get(loop)
