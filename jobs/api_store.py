@@ -22,6 +22,7 @@ from typing import Any
 
 import psycopg
 from django.conf import settings
+from django.db import connections
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
@@ -56,7 +57,8 @@ def enabled() -> bool:
 
 
 def conninfo() -> str:
-    db = settings.DATABASES["default"]
+    # The connection's own settings: under tests they name the test database.
+    db = connections["default"].settings_dict
     return psycopg.conninfo.make_conninfo(
         dbname=db["NAME"],
         user=db.get("USER") or None,
@@ -78,7 +80,7 @@ async def _pool() -> AsyncConnectionPool:
     if pool is None:
         for old in [key for key in _pools if key.is_closed()]:
             del _pools[old]
-        options = settings.DATABASES["default"].get("OPTIONS", {}).get("pool", {})
+        options = connections["default"].settings_dict.get("OPTIONS", {}).get("pool", {})
         pool = AsyncConnectionPool(
             conninfo(),
             min_size=options.get("min_size", 2),

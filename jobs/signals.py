@@ -22,6 +22,4 @@ def tenant_changed(sender: type[Tenant], instance: Tenant, **kwargs: Any) -> Non
 
 @receiver([post_save, post_delete], sender=ApiKey)
 def api_key_changed(sender: type[ApiKey], instance: ApiKey, **kwargs: Any) -> None:
-    if kwargs.get("update_fields") == frozenset({"last_used_at"}):
-        return  # bookkeeping only
     announce_auth_change(instance.tenant_id)
