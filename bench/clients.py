@@ -1,5 +1,9 @@
 """The suite's clients of the real service: REST load with httpx and WebSocket subscribers with
-`websockets`, all in one asyncio loop of the benchmark process, talking to 127.0.0.1 only."""
+`websockets`, all in one asyncio loop of the benchmark process, talking to 127.0.0.1 only.
+
+The WebSocket figures also run against the seed tutorial's Node transcription (`seed=True`): no
+API key (an empty `key`), `tenantId` in the body of `POST /jobs`, a plain `/ws` socket that is
+sent `SUBSCRIBE` and never acknowledges it, and the same `JOB_UPDATE` frames."""
 
 from __future__ import annotations
 
@@ -16,6 +20,8 @@ from websockets.asyncio.client import ClientConnection, connect
 T = TypeVar("T")
 NOOP_JOB = {"type": "sleep", "payload": {"delayMs": 0}}
 COMPLETED_MARK = '"COMPLETED"'
+# The seed never acknowledges SUBSCRIBE: after subscribing, wait this long before creating jobs.
+SEED_SUBSCRIBE_SETTLE_S = 0.5
 
 
 @dataclass
@@ -38,7 +44,7 @@ def _client(base_url: str, key: str, connections: int) -> httpx.AsyncClient:
     limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
     return httpx.AsyncClient(
         base_url=base_url,
-        headers={"Authorization": f"Bearer {key}"},
+        headers={"Authorization": f"Bearer {key}"} if key else {},
         limits=limits,
         timeout=60,
     )
@@ -103,6 +109,21 @@ async def post_batches(base_url: str, key: str, *, batches: int, size: int) -> H
     return HttpLoad(elapsed, statuses, cpu, statuses.get(201, 0) * size, warmup_jobs)
 
 
+async def create_job_ids(base_url: str, key: str, *, count: int) -> list[str]:
+    """`count` no-op jobs created with POST /jobs/batch (up to 1,000 a request); their ids."""
+    ids: list[str] = []
+    async with _client(base_url, key, 1) as client:
+        while len(ids) < count:
+            size = min(1000, count - len(ids))
+            response = await client.post("/jobs/batch", json={"jobs": [NOOP_JOB] * size})
+            if response.status_code != 201:
+                raise RuntimeError(
+                    f"POST /jobs/batch answered {response.status_code}: {response.text[:200]}"
+                )
+            ids += response.json()["jobIds"]
+    return ids
+
+
 # --- WebSocket subscribers ------------------------------------------------------------------------
 @dataclass
 class CompletedArrivals:
@@ -144,16 +165,23 @@ class CompletedArrivals:
         return self.times[job_id]
 
 
-async def subscribe(ws_url: str, key: str, tenant: str) -> ClientConnection:
-    """One socket: connect with the key, SUBSCRIBE to the tenant, wait for SUBSCRIBED."""
+async def subscribe(ws_url: str, key: str, tenant: str, *, seed: bool = False) -> ClientConnection:
+    """One socket: connect with the key, SUBSCRIBE to the tenant, wait for SUBSCRIBED. The
+    seed's socket: connect, wait for its CONNECTED greeting, SUBSCRIBE (it sends no answer)."""
     ws = await connect(
-        f"{ws_url}?token={key}",
+        ws_url if seed else f"{ws_url}?token={key}",
         ping_interval=None,
         open_timeout=60,
         close_timeout=5,
         max_queue=None,
     )
     try:
+        if seed:
+            async with asyncio.timeout(60):
+                while json.loads(await ws.recv()).get("type") != "CONNECTED":
+                    pass
+            await ws.send(json.dumps({"type": "SUBSCRIBE", "tenantId": tenant}))
+            return ws
         await ws.send(json.dumps({"type": "SUBSCRIBE", "tenantId": tenant}))
         async with asyncio.timeout(60):
             while True:
@@ -168,7 +196,7 @@ async def subscribe(ws_url: str, key: str, tenant: str) -> ClientConnection:
 
 
 async def open_subscribers(
-    ws_url: str, key: str, tenant: str, *, count: int, parallel: int = 50
+    ws_url: str, key: str, tenant: str, *, count: int, parallel: int = 50, seed: bool = False
 ) -> list[ClientConnection]:
     """`count` subscribed sockets, opened `parallel` at a time (a handshake storm is not what
     is measured)."""
@@ -176,7 +204,7 @@ async def open_subscribers(
 
     async def one() -> ClientConnection:
         async with gate:
-            return await subscribe(ws_url, key, tenant)
+            return await subscribe(ws_url, key, tenant, seed=seed)
 
     results = await asyncio.gather(*(one() for _ in range(count)), return_exceptions=True)
     sockets = [r for r in results if isinstance(r, ClientConnection)]
@@ -206,8 +234,10 @@ class Refused(Exception):
     """The service answered 503 (it could not reach its database): the trip is not counted."""
 
 
-async def _create_job(client: httpx.AsyncClient) -> str:
-    response = await client.post("/jobs", json=NOOP_JOB)
+async def _create_job(client: httpx.AsyncClient, seed_tenant: str | None = None) -> str:
+    """POST one no-op job; the seed takes its tenant in the body."""
+    body = NOOP_JOB if seed_tenant is None else {"tenantId": seed_tenant, **NOOP_JOB}
+    response = await client.post("/jobs", json=body)
     if response.status_code == 503:
         raise Refused(response.text[:200])
     if response.status_code != 201:
@@ -235,10 +265,14 @@ async def ws_latency(
     trips: int,
     warmup: int,
     refused: list[str],
+    seed: bool = False,
 ) -> list[Trip]:
     """Sequential round trips, POST /jobs to its COMPLETED frame on a subscribed socket. A
     POST refused with 503 is noted in `refused` and tried again (that trip is timed anew)."""
-    ws = await subscribe(ws_url, key, tenant)
+    ws = await subscribe(ws_url, key, tenant, seed=seed)
+    if seed:
+        await asyncio.sleep(SEED_SUBSCRIBE_SETTLE_S)
+    seed_tenant = tenant if seed else None
     arrivals = CompletedArrivals(expected=1)
     reader = asyncio.create_task(_read_into(ws, arrivals))
     samples: list[Trip] = []
@@ -249,7 +283,7 @@ async def ws_latency(
                     sent_at = time.time()
                     began = time.perf_counter()
                     try:
-                        job_id = await _create_job(client)
+                        job_id = await _create_job(client, seed_tenant)
                         break
                     except Refused as exc:
                         refused.append(str(exc))
@@ -280,11 +314,15 @@ async def ws_fanout(
     rounds: int,
     pause_s: float,
     refused: list[str],
+    seed: bool = False,
 ) -> list[list[float]]:
     """`subscribers` sockets of one tenant; per round one job is created and the time from the
     POST until each socket has its COMPLETED frame is taken (ms). The first round warms up.
     A POST refused with 503 is noted in `refused` and tried again, timed from the last try."""
-    sockets = await open_subscribers(ws_url, key, tenant, count=subscribers)
+    sockets = await open_subscribers(ws_url, key, tenant, count=subscribers, seed=seed)
+    if seed:
+        await asyncio.sleep(SEED_SUBSCRIBE_SETTLE_S)
+    seed_tenant = tenant if seed else None
     arrivals = CompletedArrivals(expected=subscribers)
     readers = [asyncio.create_task(_read_into(ws, arrivals)) for ws in sockets]
     results: list[list[float]] = []
@@ -294,7 +332,7 @@ async def ws_fanout(
                 while True:
                     began = time.perf_counter()
                     try:
-                        job_id = await _create_job(client)
+                        job_id = await _create_job(client, seed_tenant)
                         break
                     except Refused as exc:
                         refused.append(str(exc))

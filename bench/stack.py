@@ -3,6 +3,7 @@ benchmark database and one Redis prefix, with their logs kept, always stopped at
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 import resource
@@ -62,6 +63,23 @@ def _raise_child_fd_limit() -> None:
     target = FD_LIMIT if hard == resource.RLIM_INFINITY else min(FD_LIMIT, hard)
     if target > soft:
         resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
+try:
+    _LIBC: ctypes.CDLL | None = ctypes.CDLL(None, use_errno=True)
+except OSError:
+    _LIBC = None
+PR_SET_PDEATHSIG = 1
+
+
+def child_setup() -> None:
+    """`preexec_fn` of every process the benchmarks start: the open-file limit raised, and
+    SIGKILL if the benchmark process itself dies without stopping it (killed with SIGKILL, say),
+    so that no server or load generator outlives the run. Spawn from the main thread only: the
+    signal follows the thread that forked."""
+    _raise_child_fd_limit()
+    if _LIBC is not None:
+        _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 @dataclass
@@ -155,7 +173,7 @@ class Stack:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                preexec_fn=_raise_child_fd_limit,
+                preexec_fn=child_setup,
             )
         proc = Process(label=label, popen=popen, log_path=log_path)
         self.processes.append(proc)
