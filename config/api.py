@@ -20,10 +20,10 @@ from ninja.parser import Parser
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from jobs.api import router as jobs_router
-from jobs.api_store import DatabaseUnavailable
 from jobs.errors import ApiError
 from jobs.metrics import render_metrics
 from jobs.orm import orm
+from jobs.pg import DatabaseUnavailable
 from jobs.queue import sync_client
 from jobs.schemas import ErrorOut, HealthOut, ReadyOut
 from jobs.validation import VALIDATION_FAILED, error_details

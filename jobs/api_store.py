@@ -6,27 +6,21 @@ connection. The ORM models stay the schema (the column list comes from `Job._met
 in for everything else. Rows come back as `Job` instances, so schemas and broadcasts treat them
 like ORM objects.
 
-A pool belongs to one event loop: a Daphne process has one loop and so one pool. Waiting for a
-connection is the backpressure under load: a request waits up to JOBS_DB_POOL_TIMEOUT_S for one
-and gets 503 only after that (or at once when the database refuses connections).
+Connections come from the event loop's pool (jobs/pg.py).
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import uuid
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Sequence
 from typing import Any
 
-import psycopg
 from django.conf import settings
-from django.db import connections
 from psycopg.types.json import Jsonb
-from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from jobs.models import Job
+from jobs.pg import connection as _connection
 
 logger = logging.getLogger(__name__)
 
@@ -47,69 +41,9 @@ _FREE_IDEMPOTENCY_KEY = (
 _COPY = f"COPY {TABLE} ({COLUMNS}) FROM STDIN"
 
 
-class DatabaseUnavailable(Exception):
-    """No connection could be had within the pool's timeout (database down or saturated)."""
-
-
 def enabled() -> bool:
     """Whether the API uses this module (PostgreSQL) or the ORM in a thread (SQLite, tests)."""
     return settings.JOBS["API_STORE"] == "postgres"
-
-
-def conninfo() -> str:
-    # The connection's own settings: under tests they name the test database.
-    db = connections["default"].settings_dict
-    return psycopg.conninfo.make_conninfo(
-        dbname=db["NAME"],
-        user=db.get("USER") or None,
-        password=db.get("PASSWORD") or None,
-        host=db.get("HOST") or None,
-        port=db.get("PORT") or None,
-        # Times come back in UTC, as Django's own connections have them.
-        options="-c TimeZone=UTC",
-        application_name="jobqueue-api",
-    )
-
-
-_pools: dict[asyncio.AbstractEventLoop, AsyncConnectionPool] = {}
-
-
-async def _pool() -> AsyncConnectionPool:
-    loop = asyncio.get_running_loop()
-    pool = _pools.get(loop)
-    if pool is None:
-        for old in [key for key in _pools if key.is_closed()]:
-            del _pools[old]
-        options = connections["default"].settings_dict.get("OPTIONS", {}).get("pool", {})
-        pool = AsyncConnectionPool(
-            conninfo(),
-            min_size=options.get("min_size", 2),
-            max_size=options.get("max_size", 10),
-            timeout=options.get("timeout", 10),
-            kwargs={"autocommit": True},
-            open=False,
-            name="api",
-        )
-        _pools[loop] = pool
-        await pool.open(wait=False)
-    return pool
-
-
-async def close_pools() -> None:
-    """Close the running loop's pool (tests, shutdown)."""
-    pool = _pools.pop(asyncio.get_running_loop(), None)
-    if pool is not None:
-        await pool.close()
-
-
-@asynccontextmanager
-async def _connection() -> AsyncIterator[psycopg.AsyncConnection[Any]]:
-    pool = await _pool()
-    try:
-        async with pool.connection() as conn:
-            yield conn
-    except PoolTimeout as exc:
-        raise DatabaseUnavailable(str(exc)) from exc
 
 
 def _row(job: Job) -> list[Any]:
@@ -120,7 +54,8 @@ def _row(job: Job) -> list[Any]:
     return values
 
 
-def _job(row: Sequence[Any]) -> Job:
+def job_from_row(row: Sequence[Any]) -> Job:
+    """A Job from a row of COLUMNS."""
     return Job.from_db("default", FIELDS, row)
 
 
@@ -141,7 +76,7 @@ async def find_by_idempotency_key(*, tenant_id: str, key: str) -> Job | None:
     async with _connection() as conn:
         cursor = await conn.execute(_SELECT_IDEMPOTENT, (tenant_id, key))
         row = await cursor.fetchone()
-    return None if row is None else _job(row)
+    return None if row is None else job_from_row(row)
 
 
 async def free_idempotency_key(*, job_id: uuid.UUID, key: str) -> None:
@@ -164,4 +99,4 @@ async def get_job(*, tenant_id: str, job_id: uuid.UUID) -> Job | None:
     async with _connection() as conn:
         cursor = await conn.execute(_SELECT_ONE, (job_id, tenant_id))
         row = await cursor.fetchone()
-    return None if row is None else _job(row)
+    return None if row is None else job_from_row(row)

@@ -26,6 +26,8 @@ from django.db import close_old_connections, connection, transaction
 from django.db.models import F
 from django.utils import timezone
 
+from jobs import pg
+from jobs.api_store import COLUMNS, job_from_row
 from jobs.models import Job, JobStatus, Tenant
 
 logger = logging.getLogger(__name__)
@@ -92,12 +94,17 @@ class JobStore:
 
     # --- the calls the worker makes ---------------------------------------------------------
     async def claim(self, *, job_ids: list[str], worker: str) -> list[Job]:
-        """Compare-and-set PENDING -> RUNNING for the due ones among `job_ids`."""
+        """Compare-and-set PENDING -> RUNNING for the due ones among `job_ids`. On PostgreSQL
+        one statement on the event loop's pool: no thread hop on the path of every job."""
+        if pg.is_postgresql():
+            return await aclaim_jobs(job_ids=job_ids, worker=worker)
         return await self.call(claim_jobs, job_ids=job_ids, worker=worker)
 
     async def finish_many(self, *, items: list[tuple[Job, Outcome]]) -> list[Job | None]:
         """Write several attempts' outcomes in one transaction (one commit); None where the
-        lease was lost."""
+        lease was lost. On PostgreSQL one statement on the event loop's pool."""
+        if pg.is_postgresql():
+            return await afinish_jobs(items=items)
         return await self.call(finish_jobs, items=items)
 
     async def set_progress(self, *, job: Job, percent: int, message: str | None) -> Job | None:
@@ -155,20 +162,37 @@ def claim_jobs(*, job_ids: list[str], worker: str) -> list[Job]:
         return list(Job.objects.filter(id__in=job_ids, lease_token=token))
 
 
-def _claim_in_one_statement(
+def _claim_statement(
     *, job_ids: list[str], worker: str, token: uuid.UUID, now: datetime
-) -> list[Job]:
-    table = Job._meta.db_table
+) -> tuple[str, list[Any]]:
     sql = f"""
-        UPDATE {table} SET
+        UPDATE {Job._meta.db_table} SET
             status = 'RUNNING', attempts = attempts + 1, locked_by = %s, lease_token = %s,
             lease_expires_at = %s, started_at = %s, updated_at = %s, progress = NULL,
             progress_message = NULL
         WHERE id = ANY(%s::uuid[]) AND status = 'PENDING' AND run_at <= %s
-        RETURNING *
+        RETURNING {COLUMNS}
     """
-    params = [worker, token, now + _lease(), now, now, job_ids, now + CLOCK_TOLERANCE]
+    return sql, [worker, token, now + _lease(), now, now, job_ids, now + CLOCK_TOLERANCE]
+
+
+def _claim_in_one_statement(
+    *, job_ids: list[str], worker: str, token: uuid.UUID, now: datetime
+) -> list[Job]:
+    sql, params = _claim_statement(job_ids=job_ids, worker=worker, token=token, now=now)
     return list(Job.objects.raw(sql, params))
+
+
+async def aclaim_jobs(*, job_ids: list[str], worker: str) -> list[Job]:
+    """`claim_jobs` on PostgreSQL from the event loop (one statement, its own transaction)."""
+    if not job_ids:
+        return []
+    sql, params = _claim_statement(
+        job_ids=job_ids, worker=worker, token=uuid.uuid4(), now=timezone.now()
+    )
+    async with pg.connection() as conn:
+        cursor = await conn.execute(sql, params)
+        return [job_from_row(row) for row in await cursor.fetchall()]
 
 
 def _fenced(job: Job) -> Any:
@@ -207,16 +231,15 @@ def finish_job(*, job: Job, outcome: Outcome) -> Job | None:
     return finish_jobs(items=[(job, outcome)])[0]
 
 
-def finish_jobs(*, items: list[tuple[Job, Outcome]]) -> list[Job | None]:
-    """Write many outcomes in one transaction, each fenced by its lease token. On PostgreSQL it
-    is one UPDATE ... FROM (VALUES ...) RETURNING statement."""
+def _plan(items: list[tuple[Job, Outcome]]) -> list[tuple[Job, dict[str, Any]]]:
     now = timezone.now()
-    planned = [(job, outcome_fields(job=job, outcome=outcome, now=now)) for job, outcome in items]
-    with transaction.atomic():
-        if connection.vendor == "postgresql":
-            written_ids = _finish_in_one_statement(planned)
-        else:
-            written_ids = {job.id for job, fields in planned if _fenced(job).update(**fields)}
+    return [(job, outcome_fields(job=job, outcome=outcome, now=now)) for job, outcome in items]
+
+
+def _written(
+    planned: list[tuple[Job, dict[str, Any]]], written_ids: set[uuid.UUID]
+) -> list[Job | None]:
+    """The planned jobs with their new fields, None where the fenced write matched no row."""
     results: list[Job | None] = []
     for job, fields in planned:
         if job.id not in written_ids:
@@ -228,7 +251,32 @@ def finish_jobs(*, items: list[tuple[Job, Outcome]]) -> list[Job | None]:
     return results
 
 
-def _finish_in_one_statement(planned: list[tuple[Job, dict[str, Any]]]) -> set[uuid.UUID]:
+def finish_jobs(*, items: list[tuple[Job, Outcome]]) -> list[Job | None]:
+    """Write many outcomes in one transaction, each fenced by its lease token. On PostgreSQL it
+    is one UPDATE ... FROM (VALUES ...) RETURNING statement."""
+    planned = _plan(items)
+    with transaction.atomic():
+        if connection.vendor == "postgresql":
+            sql, params = _finish_statement(planned)
+            with connection.cursor() as cursor:
+                cursor.execute(sql, params)
+                written_ids = {row[0] for row in cursor.fetchall()}
+        else:
+            written_ids = {job.id for job, fields in planned if _fenced(job).update(**fields)}
+    return _written(planned, written_ids)
+
+
+async def afinish_jobs(*, items: list[tuple[Job, Outcome]]) -> list[Job | None]:
+    """`finish_jobs` on PostgreSQL from the event loop (one statement, one commit)."""
+    planned = _plan(items)
+    sql, params = _finish_statement(planned)
+    async with pg.connection() as conn:
+        cursor = await conn.execute(sql, params)
+        written_ids = {row[0] for row in await cursor.fetchall()}
+    return _written(planned, written_ids)
+
+
+def _finish_statement(planned: list[tuple[Job, dict[str, Any]]]) -> tuple[str, list[Any]]:
     rows = ", ".join(
         [
             "(%s::uuid, %s::uuid, %s, %s::jsonb, %s, %s::timestamptz, %s::timestamptz, "
@@ -250,9 +298,8 @@ def _finish_in_one_statement(planned: list[tuple[Job, dict[str, Any]]]) -> set[u
                 fields["updated_at"],
             )
         )
-    table = Job._meta.db_table
     sql = f"""
-        UPDATE {table} AS j SET
+        UPDATE {Job._meta.db_table} AS j SET
             status = v.status, result = v.result, error = v.error,
             finished_at = v.finished_at, run_at = v.run_at, updated_at = v.updated_at,
             lease_token = NULL, lease_expires_at = NULL
@@ -261,9 +308,7 @@ def _finish_in_one_statement(planned: list[tuple[Job, dict[str, Any]]]) -> set[u
         WHERE j.id = v.id AND j.lease_token = v.token AND j.status = 'RUNNING'
         RETURNING j.id
     """
-    with connection.cursor() as cursor:
-        cursor.execute(sql, params)
-        return {row[0] for row in cursor.fetchall()}
+    return sql, params
 
 
 def set_job_progress(*, job: Job, percent: int, message: str | None) -> Job | None:

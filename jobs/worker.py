@@ -27,7 +27,7 @@ from django.conf import settings
 from django.utils import timezone
 from pydantic import ValidationError
 
-from jobs import events
+from jobs import events, pg
 from jobs.handlers import JobContext, PermanentError, get_handler
 from jobs.models import Job, JobStatus
 from jobs.queue import Queue, entry_for, parse_claim
@@ -199,6 +199,7 @@ class Worker:
             await asyncio.gather(*self._background, return_exceptions=True)
             await self._unregister()
             self.store.close()
+            await pg.close_pools()
             await self.redis.aclose()
         self._log("stopped after %s jobs", self._processed)
         return 0

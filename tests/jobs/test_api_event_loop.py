@@ -20,7 +20,7 @@ from django.test import Client
 from django.utils import timezone
 
 from config.asgi import application
-from jobs import api_store
+from jobs import pg
 from jobs.models import Job, JobStatus, Tenant
 from jobs.queue import close_async_queue, sync_queue
 from jobs.services import api_key_create, api_key_revoke
@@ -48,7 +48,7 @@ async def api(api_key: str) -> AsyncIterator[httpx.AsyncClient]:
     ) as client:
         yield client
     # Pool, hub and Redis client belong to this test's loop, which ends with it.
-    await api_store.close_pools()
+    await pg.close_pools()
     await close_hub()
     await close_async_queue()
     await sync_to_async(connections.close_all)()
@@ -224,7 +224,7 @@ async def test_lean_handler_keeps_host_checks_and_limits(
 
 async def test_database_unreachable_is_503(api: httpx.AsyncClient, settings: Any) -> None:
     assert (await api.get("/jobs")).status_code == 200  # key cached, pool open
-    await api_store.close_pools()
+    await pg.close_pools()
     db = connections["default"].settings_dict
     original = db["PORT"], db["OPTIONS"]
     db["PORT"] = 1  # nothing listens there
@@ -232,7 +232,7 @@ async def test_database_unreachable_is_503(api: httpx.AsyncClient, settings: Any
     try:
         response = await api.post("/jobs", json=SLEEP)
     finally:
-        await api_store.close_pools()
+        await pg.close_pools()
         db["PORT"], db["OPTIONS"] = original
     assert response.status_code == 503
     assert response.json()["error"] == "Database unavailable"
