@@ -39,6 +39,7 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 # Paths the lean handler serves: the REST API's (django-ninja) operations. /docs and
 # /openapi.json stay with Django's handler (they need static files and are not hot).
 API_PATH_PREFIXES = ("/jobs", "/stats", "/health", "/ready", "/metrics")
+API_URLCONF = "config.api_urls"
 
 
 def is_api_path(path: str) -> bool:
@@ -98,7 +99,8 @@ class ApiHandler(ASGIHandler):
             except RequestDataTooBig:
                 response = _json_error(413, "Request body too large")
                 return self.security.process_response(request, response)
-        set_urlconf(settings.ROOT_URLCONF)
+        request.urlconf = API_URLCONF
+        set_urlconf(API_URLCONF)
         response = await self._middleware_chain(request)
         return self.security.process_response(request, response)
 

@@ -6,7 +6,7 @@ import logging
 from typing import Any
 from uuid import UUID
 
-from django.http import HttpRequest
+from django.http import HttpRequest, HttpResponse
 from ninja import Header, Query, Router
 from ninja.responses import Status
 from ninja.security import HttpBearer
@@ -26,6 +26,7 @@ from jobs.schemas import (
     JobOut,
     StatsOut,
     job_data,
+    job_json,
 )
 from jobs.validation import check_tenant, job_spec
 
@@ -50,6 +51,13 @@ class ApiKeyAuth(HttpBearer):
 
 
 router = Router(auth=ApiKeyAuth(), by_alias=True, tags=["jobs"])
+
+
+def json_response(body: str, *, status: int = 200) -> HttpResponse:
+    """A JSON body rendered by the view itself (ninja passes an HttpResponse through)."""
+    return HttpResponse(body, status=status, content_type="application/json; charset=utf-8")
+
+
 ERRORS = {
     400: ErrorOut,
     401: ErrorOut,
@@ -66,14 +74,14 @@ async def create_job(
     request: HttpRequest,
     data: JobIn,
     idempotency_key: str | None = Header(None, alias="Idempotency-Key", max_length=255),
-) -> Status[dict]:
+) -> HttpResponse:
     """Create one job. Repeating an `Idempotency-Key` returns the original job (200)."""
     tenant: Tenant = request.auth
     check_tenant(tenant, data.tenant_id)
     job, created = await services.ajob_enqueue(
         tenant=tenant, spec=job_spec(data), idempotency_key=idempotency_key or None
     )
-    return Status(201 if created else 200, {**job_data(job), "job_id": job.id})
+    return json_response(job_json(job, with_job_id=True), status=201 if created else 200)
 
 
 @router.post("/jobs/batch", response={201: BatchCreatedOut, **ERRORS})
@@ -124,9 +132,9 @@ async def stats(request: HttpRequest) -> dict:
 
 
 @router.get("/jobs/{job_id}", response={200: JobOut, 404: ErrorOut, **ERRORS})
-async def get_job(request: HttpRequest, job_id: UUID) -> dict:
+async def get_job(request: HttpRequest, job_id: UUID) -> HttpResponse:
     """One job of the tenant (404 for an unknown job or another tenant's)."""
-    return job_data(await selectors.ajob_get(tenant=request.auth, job_id=job_id))
+    return json_response(job_json(await selectors.ajob_get(tenant=request.auth, job_id=job_id)))
 
 
 @router.post(
