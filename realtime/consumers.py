@@ -434,8 +434,10 @@ class JobUpdatesConsumer(AsyncJsonWebsocketConsumer):
                 del held[: len(held) - LIVE_BUFFER_MAX]
                 self.dropped_while_held.add(tenant)
             return
+        # Straight to the server's send: this runs once per socket for every update.
+        send = self.base_send
         for text in frames:
-            await self.send(text_data=text)
+            await send({"type": "websocket.send", "text": text})
 
     def updates_lost(self) -> None:
         """The hub may have missed updates (its Redis connection dropped): tell the client, and
