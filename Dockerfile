@@ -1,4 +1,5 @@
-# The API (Daphne) and the worker share this image; docker-compose.yml picks the command.
+# The API (`manage.py serve`: Daphne processes on one port) and the worker share this image;
+# docker-compose.yml picks the command.
 FROM python:3.11-slim-bookworm
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -20,4 +21,4 @@ USER app
 
 EXPOSE 8000
 # docker-compose.yml overrides this for the migrate step and the worker.
-CMD ["daphne", "-b", "0.0.0.0", "-p", "8000", "config.asgi:application"]
+CMD ["python", "manage.py", "serve", "--host", "0.0.0.0", "--port", "8000"]

@@ -1,5 +1,6 @@
-"""`make run`: migrations, a demo tenant and its key, then Daphne and one worker in the
-foreground until Ctrl-C stops both. Embedded SQLite unless DATABASE_URL says otherwise."""
+"""`make run`: migrations, a demo tenant and its key, then the API (`manage.py serve`: Daphne
+processes on one port) and one worker in the foreground until Ctrl-C stops both. Embedded SQLite
+unless DATABASE_URL says otherwise."""
 
 from __future__ import annotations
 
@@ -124,8 +125,9 @@ def demo_key() -> str:
 
 
 def walkthrough(key: str) -> None:
-    base = f"http://{HOST}:{PORT}"
-    ws = f"ws://{HOST}:{PORT}/ws?token={key}"
+    host = f"[{HOST.strip('[]')}]" if ":" in HOST else HOST
+    base = f"http://{host}:{PORT}"
+    ws = f"ws://{host}:{PORT}/ws?token={key}"
     say()
     say("=" * 78)
     say(f"Demo tenant '{DEMO_TENANT}', API key (also in {VAR / 'demo-key'}):")
@@ -159,13 +161,12 @@ def main() -> int:
             subprocess.Popen(
                 [
                     sys.executable,
-                    "-m",
-                    "daphne",
-                    "-b",
+                    str(ROOT / "manage.py"),
+                    "serve",
+                    "--host",
                     HOST,
-                    "-p",
+                    "--port",
                     str(PORT),
-                    "config.asgi:application",
                 ],
                 cwd=ROOT,
                 start_new_session=True,
@@ -190,8 +191,9 @@ def main() -> int:
             time.sleep(0.2)
         return 0 if stopping else 1
     finally:
-        # Newest first, one at a time: the worker and Daphne finish (and release their claims
-        # in Redis) before a private redis-server, started first, is stopped last.
+        # Newest first, one at a time: the worker and the API finish (and release their claims
+        # in Redis) before a private redis-server, started first, is stopped last. 40 s: more
+        # than either's default grace period (30 s).
         for child in reversed(children):
             if child.poll() is None:
                 child.send_signal(signal.SIGTERM)

@@ -1,5 +1,5 @@
-"""Real processes: Daphne and `runworker_jobs` started as subprocesses against the test
-database and this test's Redis prefix."""
+"""Real processes: the API (`manage.py serve`) and `runworker_jobs` started as subprocesses
+against the test database and this test's Redis prefix."""
 
 from __future__ import annotations
 
@@ -61,22 +61,26 @@ class Stack:
     def ws_url(self) -> str:
         return f"ws://127.0.0.1:{self.port}/ws"
 
-    def start_api(self) -> subprocess.Popen:
+    def start_api(self, *args: str, processes: int = 1) -> subprocess.Popen:
+        """`manage.py serve` on a free port (`args`: more of its options); returns the
+        supervisor once /health answers."""
         self.port = free_port()
         proc = self._spawn(
             "api",
             [
                 sys.executable,
-                "-m",
-                "daphne",
-                "-b",
+                str(ROOT / "manage.py"),
+                "serve",
+                "--host",
                 "127.0.0.1",
-                "-p",
+                "--port",
                 str(self.port),
-                "config.asgi:application",
+                "--processes",
+                str(processes),
+                *args,
             ],
         )
-        wait_until(self._healthy, timeout=30, message="Daphne did not answer /health")
+        wait_until(self._healthy, timeout=30, message="the API did not answer /health")
         return proc
 
     def start_worker(self, *args: str, name: str = "e2e-worker") -> subprocess.Popen:

@@ -1,0 +1,260 @@
+"""One API process of `manage.py serve`: Daphne, with a stop that drains before it ends.
+
+Daphne's own SIGTERM handler stops the Twisted reactor at once: it cancels every running
+application instance and stops the asyncio loop while Django's request threads still run. Each
+of those threads later hands the rest of its request back to the loop (`AsyncToSync`, e.g. from
+WhiteNoise's middleware to the next one) and waits for a loop that will never run again; the
+interpreter's exit joins every `ThreadPoolExecutor` thread, so the process hangs until SIGKILL.
+
+Here the first SIGTERM or SIGINT stops accepting connections, closes WebSockets with 1001
+("going away"), lets each HTTP connection finish the request it is on (then closes it), and
+stops the reactor only once no application instance is left (every request thread included:
+asgiref waits for the request's thread before the instance ends), or when the grace period is
+over. A second signal stops at once. If a thread still outlives the reactor, the process exits
+without it after `EXIT_WATCHDOG_S` instead of hanging.
+
+Run as `python -m config.daphne_server --fd N --grace S [daphne options] config.asgi:application`;
+every `daphne` option is accepted.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from types import FrameType
+from typing import Any
+
+from daphne.cli import CommandLineInterface
+from daphne.endpoints import build_endpoint_description_strings
+from daphne.http_protocol import WebRequest
+from daphne.server import Server
+from daphne.ws_protocol import WebSocketProtocol
+from twisted.internet import reactor, tcp
+
+# Named, not __name__: this module runs as __main__.
+logger = logging.getLogger("config.daphne_server")
+
+DRAIN_TICK_S = 0.1
+# A normal interpreter exit after the reactor stopped takes far less. Longer means a request
+# thread outlived the grace period and waits for the stopped loop: exit without it.
+EXIT_WATCHDOG_S = 2.0
+GOING_AWAY = 1001
+
+
+class GracefulServer(Server):
+    """Daphne whose stop signal drains connections before the reactor stops."""
+
+    def __init__(
+        self, *args: Any, grace_s: float, listen_fd: int | None = None, **kwargs: Any
+    ) -> None:
+        # Twisted's handlers would stop the reactor at once; ours are installed in run().
+        super().__init__(*args, signal_handlers=False, **kwargs)
+        self.grace_s = grace_s
+        self.listen_fd = listen_fd
+        if listen_fd is not None:
+            # Daphne's `fd:` endpoint adopts the socket as IPv4 whatever its family (an IPv6
+            # client's address comes out garbled); run() adopts it with its own family.
+            self.endpoints.remove(build_endpoint_description_strings(file_descriptor=listen_fd)[0])
+        self.ports: list[Any] = []
+        self.stop_deadline: float | None = None
+        self.stop_started = 0.0
+        self.stopped_cleanly = True
+        self.closed_sockets: set[WebSocketProtocol] = set()
+
+    def run(self) -> None:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._on_stop_signal)
+        if self.listen_fd is not None:
+            reactor.callWhenRunning(self._adopt_listening_socket, self.listen_fd)
+        try:
+            super().run()
+        finally:
+            start_exit_watchdog()
+
+    def _adopt_listening_socket(self, fd: int) -> None:
+        probe = socket.socket(fileno=fd)
+        family = probe.family
+        probe.detach()
+        try:
+            # What reactor.adoptStreamPort() does, with a port that shares bursts.
+            port = SharedSocketPort._fromListeningDescriptor(reactor, fd, family, self.http_factory)
+            port.startListening()
+        except Exception:
+            logger.exception(
+                "cannot listen on the inherited socket (fd %d)", fd, extra=log_context()
+            )
+            self.stopped_cleanly = False
+            self._stop_reactor()
+            return
+        # Twisted listens on a copy; without closing this one, the socket would keep taking
+        # connections into its backlog after the stop, until this process exits.
+        os.close(fd)
+        self.listen_success(port)
+
+    def listen_success(self, port: Any) -> None:
+        self.ports.append(port)
+        super().listen_success(port)
+
+    def create_application(self, protocol: Any, scope: dict[str, Any]) -> Any:
+        if self.stop_deadline is not None and isinstance(protocol, WebRequest):
+            # A request that arrived on a kept-alive connection while draining: serve it, then
+            # close the connection, so every connection ends after at most one more request.
+            _close_after_response(protocol)
+        return super().create_application(protocol, scope)
+
+    def _on_stop_signal(self, signum: int, frame: FrameType | None) -> None:
+        reactor.callFromThread(self.begin_stop, signal.Signals(signum).name)
+
+    def begin_stop(self, signal_name: str) -> None:
+        """Stop accepting and drain; a second call stops the reactor at once."""
+        if self.stop_deadline is not None:
+            logger.warning(
+                "%s again: stopping now, cancelling what still runs",
+                signal_name,
+                extra=log_context(),
+            )
+            self.stopped_cleanly = False
+            self._stop_reactor()
+            return
+        self.stop_started = time.monotonic()
+        self.stop_deadline = self.stop_started + self.grace_s
+        for port in self.ports:
+            port.stopListening()
+        logger.info(
+            "%s: stopped accepting, draining %d connections (grace %.1fs)",
+            signal_name,
+            sum(1 for details in self.connections.values() if not details.get("disconnected")),
+            self.grace_s,
+            extra=log_context(),
+        )
+        self._drain()
+
+    def _drain(self) -> None:
+        if not reactor.running:
+            return
+        busy = 0
+        for protocol, details in list(self.connections.items()):
+            try:
+                self._wind_down(protocol, details)
+            except Exception:
+                logger.exception("could not close %r while draining", protocol, extra=log_context())
+            instance = details.get("application_instance")
+            if not details.get("disconnected") or (instance is not None and not instance.done()):
+                busy += 1
+        elapsed = time.monotonic() - self.stop_started
+        if busy == 0:
+            logger.info("drained in %.2fs", elapsed, extra=log_context())
+            self._stop_reactor()
+        elif self.stop_deadline is not None and time.monotonic() >= self.stop_deadline:
+            logger.warning(
+                "grace period over with %d connections or requests still running: cancelling them",
+                busy,
+                extra=log_context(),
+            )
+            self.stopped_cleanly = False
+            self._stop_reactor()
+        else:
+            reactor.callLater(DRAIN_TICK_S, self._drain)
+
+    def _wind_down(self, protocol: Any, details: dict[str, Any]) -> None:
+        if isinstance(protocol, WebSocketProtocol):
+            if protocol.state == protocol.STATE_OPEN and protocol not in self.closed_sockets:
+                self.closed_sockets.add(protocol)
+                # serverClose() only allows 1000 and 3000-4999; "going away" is the standard
+                # code for a server that stops, and clients reconnect on it.
+                protocol.sendCloseFrame(code=GOING_AWAY, isReply=False)
+        elif not details.get("disconnected"):
+            _close_after_response(protocol)
+
+    def _stop_reactor(self) -> None:
+        if reactor.running:
+            reactor.stop()
+
+
+class SharedSocketPort(tcp.Port):
+    """A listening port that accepts one connection each time the socket is ready. Twisted
+    accepts up to 100 (and more under load) in one go, so of the processes sharing the socket,
+    the first one awake took a whole burst of connections (wrk's 16 all went to one process);
+    one at a time, they split it, and the less busy process takes more."""
+
+    @property
+    def numberAccepts(self) -> int:
+        return 1
+
+    @numberAccepts.setter
+    def numberAccepts(self, value: int) -> None:
+        pass  # Twisted adapts it after every accept round; keep it at 1
+
+
+def log_context() -> dict[str, int]:
+    return {"pid": os.getpid()}
+
+
+def _close_after_response(request: WebRequest) -> None:
+    channel = request.channel
+    if channel is None:
+        return
+    channel.persistent = False
+    if not request.startedWriting:
+        request.responseHeaders.setRawHeaders(b"connection", [b"close"])
+
+
+def start_exit_watchdog() -> None:
+    """Leave the process after `EXIT_WATCHDOG_S` even if a thread that can no longer finish
+    (parked on the stopped loop) would block the interpreter's exit."""
+
+    def watch() -> None:
+        time.sleep(EXIT_WATCHDOG_S)
+        stuck = [
+            thread.name
+            for thread in threading.enumerate()
+            if thread is not threading.main_thread() and not thread.daemon
+        ]
+        logger.error(
+            "exit blocked %.0fs by %d threads (%s): exiting without them",
+            EXIT_WATCHDOG_S,
+            len(stuck),
+            ", ".join(stuck[:5]),
+            extra=log_context(),
+        )
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-watchdog", daemon=True).start()
+
+
+class GracefulCommandLineInterface(CommandLineInterface):
+    description = "Daphne for `manage.py serve`: SIGTERM/SIGINT drain before the server stops"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.parser.add_argument(
+            "--grace",
+            type=float,
+            default=30.0,
+            help="seconds open requests get to finish after SIGTERM/SIGINT (default 30)",
+        )
+
+    def run(self, args: list[str]) -> None:
+        options = self.parser.parse_args(args)
+        self.server_class = functools.partial(
+            GracefulServer, grace_s=options.grace, listen_fd=options.file_descriptor
+        )
+        super().run(args)
+
+
+def main() -> None:
+    cli = GracefulCommandLineInterface()
+    cli.run(sys.argv[1:])
+    sys.exit(0 if cli.server.stopped_cleanly else 1)
+
+
+if __name__ == "__main__":
+    main()
