@@ -88,9 +88,10 @@ if DATABASE_URL:
         DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
             "min_size": env_int("JOBS_DB_POOL_MIN", 2, minimum=0),
             "max_size": env_int("JOBS_DB_POOL_MAX", 10, minimum=1),
-            # Backpressure: under load a request waits this long for a pooled connection, then
-            # gets 503 (as when the database is down).
-            "timeout": env_int("JOBS_DB_POOL_TIMEOUT_S", 10, minimum=1),
+            # Backpressure: under load a request waits up to this long for a pooled connection
+            # (a busy pool hands one over in milliseconds), then gets 503, as while the database
+            # is down.
+            "timeout": env_int("JOBS_DB_POOL_TIMEOUT_S", 3, minimum=1),
         }
 else:
     VAR_DIR.mkdir(exist_ok=True)

@@ -55,7 +55,7 @@ async def _pool() -> AsyncConnectionPool:
             conninfo(),
             min_size=options.get("min_size", 2),
             max_size=options.get("max_size", 10),
-            timeout=options.get("timeout", 10),
+            timeout=options.get("timeout", 3),
             kwargs={"autocommit": True},
             open=False,
         )

@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -39,9 +40,15 @@ def wrk_executable() -> str:
 
 
 def start_wrk(
-    url: str, *, connections: int = 64, duration_s: int = 3, threads: int = 2
+    url: str,
+    *,
+    connections: int = 64,
+    duration_s: int = 3,
+    threads: int = 2,
+    script: Path | None = None,
 ) -> subprocess.Popen[str]:
-    """Start `wrk` against `url` in the background; `finish_wrk` collects its result."""
+    """Start `wrk` against `url` in the background; `finish_wrk` collects its result.
+    `script`: a wrk Lua script (method, body, headers)."""
     return subprocess.Popen(
         [
             wrk_executable(),
@@ -50,6 +57,7 @@ def start_wrk(
             f"-d{duration_s}s",
             "--timeout",
             "5s",
+            *(["-s", str(script)] if script is not None else []),
             url,
         ],
         stdout=subprocess.PIPE,
