@@ -100,7 +100,7 @@ class Process:
 
 @dataclass
 class Stack:
-    """Daphne and workers of one benchmark, sharing an environment; `stop_all` ends them all."""
+    """The API and workers of one benchmark, sharing an environment; `stop_all` ends them all."""
 
     database_url: str
     redis_url: str
@@ -109,6 +109,8 @@ class Stack:
     extra_env: dict[str, str] = field(default_factory=dict)
     processes: list[Process] = field(default_factory=list)
     port: int = 0
+    # Daphne processes of `manage.py serve`; None: its default (one per CPU).
+    api_processes: int | None = None
 
     @property
     def base_url(self) -> str:
@@ -136,20 +138,23 @@ class Stack:
         }
 
     def start_api(self, *, timeout: float = 60) -> Process:
-        """Start Daphne on a free port and wait until /health answers."""
+        """Start the API as deployed (`manage.py serve`: `api_processes` Daphne processes on
+        one port) on a free port and wait until /health answers."""
         self.port = free_port()
-        cmd = [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(self.port)]
-        proc = self._spawn("api", [*cmd, "config.asgi:application"])
+        cmd = [sys.executable, str(ROOT / "manage.py"), "serve", "--port", str(self.port)]
+        if self.api_processes:
+            cmd += ["--processes", str(self.api_processes)]
+        proc = self._spawn("api", cmd)
 
         def healthy() -> bool:
             if not proc.alive():
-                raise RuntimeError(f"Daphne exited early:\n{self.tail(proc)}")
+                raise RuntimeError(f"the API exited early:\n{self.tail(proc)}")
             try:
                 return httpx.get(f"{self.base_url}/health", timeout=1).status_code == 200
             except httpx.HTTPError:
                 return False
 
-        wait_until(healthy, timeout=timeout, message="Daphne did not answer /health")
+        wait_until(healthy, timeout=timeout, message="the API did not answer /health")
         return proc
 
     def start_worker(self, *, name: str, concurrency: int, extra: tuple[str, ...] = ()) -> Process:

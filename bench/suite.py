@@ -325,6 +325,7 @@ class Suite:
             redis_url=self.redis_url,
             prefix=self.prefix,
             log_dir=self.log_dir / name,
+            api_processes=self.args.api_processes,
         )
 
     def attempt(self, what: str, step: Callable[..., None], *args: Any) -> bool:
@@ -1517,6 +1518,11 @@ def parse_args() -> argparse.Namespace:
         "--quick", action="store_true", help="smaller sizes and one run: about 3 minutes"
     )
     parser.add_argument("--only", nargs="+", choices=FIGURES, default=list(FIGURES))
+    parser.add_argument(
+        "--api-processes",
+        type=int,
+        help="Daphne processes of `manage.py serve` (default: its own, one per CPU)",
+    )
     parser.add_argument("--drain-jobs", type=int, help="jobs per drain (default 20,000)")
     parser.add_argument("--concurrency", type=int, help="worker --concurrency (default 50)")
     parser.add_argument(

@@ -37,6 +37,8 @@ from daphne.server import Server
 from daphne.ws_protocol import WebSocketProtocol
 from twisted.internet import reactor, tcp
 
+from config.memory import freeze_startup_objects
+
 # Named, not __name__: this module runs as __main__.
 logger = logging.getLogger("config.daphne_server")
 
@@ -70,6 +72,8 @@ class GracefulServer(Server):
     def run(self) -> None:
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._on_stop_signal)
+        # The application is loaded: keep its objects out of every later collection.
+        freeze_startup_objects()
         if self.listen_fd is not None:
             reactor.callWhenRunning(self._adopt_listening_socket, self.listen_fd)
         try:

@@ -55,7 +55,11 @@ router = Router(auth=ApiKeyAuth(), by_alias=True, tags=["jobs"])
 
 def json_response(body: str, *, status: int = 200) -> HttpResponse:
     """A JSON body rendered by the view itself (ninja passes an HttpResponse through)."""
-    return HttpResponse(body, status=status, content_type="application/json; charset=utf-8")
+    # An explicit charset: otherwise Django parses it back out of the content type (through the
+    # email package) for every response.
+    return HttpResponse(
+        body, status=status, content_type="application/json; charset=utf-8", charset="utf-8"
+    )
 
 
 ERRORS = {

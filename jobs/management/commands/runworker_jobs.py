@@ -8,6 +8,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandParser
 
+from config.memory import freeze_startup_objects
 from jobs.worker import Worker, WorkerOptions, default_worker_name
 
 
@@ -52,6 +53,7 @@ class Command(BaseCommand):
             max_memory_mb=options["max_memory_mb"],
             grace_s=options["grace"],
         )
+        freeze_startup_objects()
         sys.exit(asyncio.run(_run(worker_options)))
 
 
