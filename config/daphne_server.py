@@ -13,6 +13,9 @@ asgiref waits for the request's thread before the instance ends), or when the gr
 over. A second signal stops at once. If a thread still outlives the reactor, the process exits
 without it after `EXIT_WATCHDOG_S` instead of hanging.
 
+WebSocket applications are also offered a way to send one message to many sockets cheaply (the
+`jobqueue.prepared_frames` ASGI extension, below).
+
 Run as `python -m config.daphne_server --fd N --grace S [daphne options] config.asgi:application`;
 every `daphne` option is accepted.
 """
@@ -30,6 +33,7 @@ import time
 from types import FrameType
 from typing import Any
 
+from autobahn.websocket.protocol import PreparedMessage
 from daphne.cli import CommandLineInterface
 from daphne.endpoints import build_endpoint_description_strings
 from daphne.http_protocol import WebRequest
@@ -38,6 +42,7 @@ from daphne.ws_protocol import WebSocketProtocol
 from twisted.internet import reactor, tcp
 
 from config.memory import freeze_startup_objects
+from realtime.hub import PREPARED_FRAMES
 
 # Named, not __name__: this module runs as __main__.
 logger = logging.getLogger("config.daphne_server")
@@ -110,7 +115,23 @@ class GracefulServer(Server):
             # A request that arrived on a kept-alive connection while draining: serve it, then
             # close the connection, so every connection ends after at most one more request.
             _close_after_response(protocol)
+        if isinstance(protocol, WebSocketProtocol):
+            scope.setdefault("extensions", {})[PREPARED_FRAMES] = {
+                "prepare": self._prepare_text,
+                "send": functools.partial(self._send_prepared, protocol),
+            }
         return super().create_application(protocol, scope)
+
+    def _prepare_text(self, text: str) -> PreparedMessage:
+        """A text message framed once, to be sent on many sockets (autobahn's broadcast)."""
+        return self.ws_factory.prepareMessage(text.encode("utf-8"), isBinary=False)
+
+    def _send_prepared(self, protocol: WebSocketProtocol, prepared: PreparedMessage) -> None:
+        # What Server.handle_reply and serverSend do for a text frame, minus the framing.
+        details = self.connections.get(protocol)
+        if details is None or details.get("disconnected") or protocol.state != protocol.STATE_OPEN:
+            return
+        protocol.sendPreparedMessage(prepared)
 
     def _on_stop_signal(self, signum: int, frame: FrameType | None) -> None:
         reactor.callFromThread(self.begin_stop, signal.Signals(signum).name)

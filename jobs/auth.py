@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 from dataclasses import dataclass
 
 from django.conf import settings
@@ -73,13 +74,14 @@ class KeyCache:
             self.entries.pop(digest, None)
 
 
-_caches: dict[int, KeyCache] = {}
+# One cache per hub (per event loop); weak, so a test's closed hub takes its cache with it.
+_caches: weakref.WeakKeyDictionary[Hub, KeyCache] = weakref.WeakKeyDictionary()
 
 
 def _cache_for(hub: Hub) -> KeyCache:
-    cache = _caches.get(id(hub))
+    cache = _caches.get(hub)
     if cache is None:
-        cache = _caches[id(hub)] = KeyCache()
+        cache = _caches[hub] = KeyCache()
         hub.on_auth_change(cache.invalidate)
     return cache
 

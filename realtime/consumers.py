@@ -26,6 +26,7 @@ import json
 import logging
 import re
 import time
+import weakref
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -44,7 +45,7 @@ from jobs.queue import sync_client
 from jobs.selectors import job_updated_since
 from realtime.auth import is_staff_user
 from realtime.broadcast import iso, job_update_message
-from realtime.hub import Hub, get_hub
+from realtime.hub import PREPARED_FRAMES, Frame, Hub, get_hub
 
 logger = logging.getLogger(__name__)
 
@@ -148,13 +149,14 @@ class KeySockets:
             consumer.schedule_credentials_check()
 
 
-_key_sockets: dict[int, KeySockets] = {}
+# One registry per hub (per event loop); weak, so a test's closed hub takes its registry along.
+_key_sockets: weakref.WeakKeyDictionary[Hub, KeySockets] = weakref.WeakKeyDictionary()
 
 
 def key_sockets(hub: Hub) -> KeySockets:
-    registry = _key_sockets.get(id(hub))
+    registry = _key_sockets.get(hub)
     if registry is None:
-        registry = _key_sockets[id(hub)] = KeySockets(hub)
+        registry = _key_sockets[hub] = KeySockets(hub)
     return registry
 
 
@@ -173,7 +175,7 @@ class JobUpdatesConsumer(AsyncJsonWebsocketConsumer):
         super().__init__(*args, **kwargs)
         self.subscriptions: set[str] = set()
         # Live frames held while a tenant's `since` replay is being sent.
-        self.held: dict[str, list[str]] = {}
+        self.held: dict[str, list[Frame]] = {}
         self.dropped_while_held: set[str] = set()
         self.bucket = TokenBucket(rate=self.rate_per_second, burst=self.rate_burst)
         self.closing = False
@@ -364,16 +366,14 @@ class JobUpdatesConsumer(AsyncJsonWebsocketConsumer):
                 self.held.pop(tenant_id, None)
                 return
             self.held[tenant_id] = []
-            for text in held:
-                if not self._covered_by_replay(text, floors):
-                    await self.send(text_data=text)
+            await self._send_frames([f for f in held if not self._covered_by_replay(f, floors)])
 
     @staticmethod
-    def _covered_by_replay(text: str, floors: dict[str, datetime]) -> bool:
+    def _covered_by_replay(frame: Frame, floors: dict[str, datetime]) -> bool:
         if not floors:
             return False
         try:
-            update = json.loads(text)
+            update = json.loads(frame.text)
         except ValueError:
             return False
         floor = floors.get(update.get("jobId"))
@@ -421,7 +421,7 @@ class JobUpdatesConsumer(AsyncJsonWebsocketConsumer):
         raise ProtocolError(f"not allowed to subscribe to tenant {tenant_id!r}")
 
     # --- hub to client ----------------------------------------------------------------------
-    async def deliver(self, tenant: str, frames: list[str]) -> None:
+    async def deliver(self, tenant: str, frames: list[Frame]) -> None:
         """Send a tenant's JOB_UPDATE frames (already JSON) from the hub, or hold them while
         that tenant's replay is under way."""
         if self.closing or tenant not in self.subscriptions:
@@ -434,10 +434,19 @@ class JobUpdatesConsumer(AsyncJsonWebsocketConsumer):
                 del held[: len(held) - LIVE_BUFFER_MAX]
                 self.dropped_while_held.add(tenant)
             return
-        # Straight to the server's send: this runs once per socket for every update.
-        send = self.base_send
-        for text in frames:
-            await send({"type": "websocket.send", "text": text})
+        await self._send_frames(frames)
+
+    async def _send_frames(self, frames: list[Frame]) -> None:
+        # This runs once per socket for every update: with our server, each frame is framed
+        # once per process and written straight to the socket; elsewhere, the plain ASGI send.
+        fast = self.scope.get("extensions", {}).get(PREPARED_FRAMES)
+        if fast is not None:
+            prepare, send_prepared = fast["prepare"], fast["send"]
+            for frame in frames:
+                send_prepared(frame.prepared(prepare))
+            return
+        for frame in frames:
+            await self.base_send({"type": "websocket.send", "text": frame.text})
 
     def updates_lost(self) -> None:
         """The hub may have missed updates (its Redis connection dropped): tell the client, and

@@ -31,8 +31,14 @@ from redis.backoff import NoBackoff
 logger = logging.getLogger(__name__)
 
 RECONNECT_DELAYS_S = (0.05, 0.2, 0.5, 1.0, 2.0)
+# The ASGI extension our server (config/daphne_server.py) offers WebSocket applications:
+# `prepare(text)` frames a message once, `send(prepared)` writes it to one socket. One update goes
+# to many sockets; framing it once per process instead of once per socket, and skipping the
+# per-message ASGI hops, is most of what a fan-out costs. Consumers use it when it is offered.
+PREPARED_FRAMES = "jobqueue.prepared_frames"
 SUBSCRIBE_TIMEOUT_S = 5.0
 READ_TIMEOUT_S = 5.0
+READ_BATCH = 100
 
 
 def updates_channel(prefix: str, tenant: str) -> str:
@@ -50,10 +56,26 @@ def encode_frames(texts: list[str]) -> str:
     return "\n".join(texts)
 
 
+class Frame:
+    """One JOB_UPDATE frame as JSON text, with what a server made of it for sending, made once
+    per process however many sockets it goes to (see config/daphne_server.py)."""
+
+    __slots__ = ("_prepared", "text")
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self._prepared: Any = None
+
+    def prepared(self, prepare: Callable[[str], Any]) -> Any:
+        if self._prepared is None:
+            self._prepared = prepare(self.text)
+        return self._prepared
+
+
 class Listener(Protocol):
     """A local socket subscribed to tenants' updates."""
 
-    async def deliver(self, tenant: str, frames: list[str]) -> None: ...
+    async def deliver(self, tenant: str, frames: list[Frame]) -> None: ...
 
     def updates_lost(self) -> None: ...
 
@@ -221,28 +243,44 @@ class Hub:
             message = await pubsub.get_message(timeout=READ_TIMEOUT_S)
             if message is None:
                 continue
-            kind = message["type"]
-            name = message["channel"]
-            if kind == "message":
-                if name == auth:
-                    self._auth_changed(message["data"])
-                else:
-                    await self._dispatch(name.decode(), message["data"])
-            elif kind == "subscribe":
-                pending = self._acks.get(name.decode())
-                if pending:
-                    future = pending.popleft()
-                    if not future.done():
-                        future.set_result(None)
-                    if not pending:
-                        self._acks.pop(name.decode(), None)
+            # Take what else has already arrived: a job's PENDING, RUNNING and COMPLETED often
+            # come within a few milliseconds, and a socket then gets them in one write.
+            batch = [message]
+            while len(batch) < READ_BATCH:
+                more = await pubsub.get_message(timeout=0)
+                if more is None:
+                    break
+                batch.append(more)
+            updates: dict[str, list[Frame]] = {}
+            for item in batch:
+                kind, name = item["type"], item["channel"]
+                if kind == "message":
+                    if name == auth:
+                        self._auth_changed(item["data"])
+                    else:
+                        # Grouped per tenant, in arrival order; tenants are independent.
+                        updates.setdefault(name.decode(), []).extend(
+                            Frame(text) for text in item["data"].decode().split("\n")
+                        )
+                elif kind == "subscribe":
+                    self._confirmed(name.decode())
+            for name, frames in updates.items():
+                await self._dispatch(name, frames)
 
-    async def _dispatch(self, name: str, data: bytes) -> None:
+    def _confirmed(self, name: str) -> None:
+        pending = self._acks.get(name)
+        if pending:
+            future = pending.popleft()
+            if not future.done():
+                future.set_result(None)
+            if not pending:
+                self._acks.pop(name, None)
+
+    async def _dispatch(self, name: str, frames: list[Frame]) -> None:
         channel = self._channels.get(name)
         if channel is None:
             return
         tenant = name.rsplit(":", 1)[1]
-        frames = data.decode().split("\n")
         for listener in list(channel.listeners):
             try:
                 await listener.deliver(tenant, frames)
