@@ -12,6 +12,7 @@ import logging
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
+import orjson
 from django.conf import settings
 
 from realtime.hub import encode_frames, updates_channel
@@ -49,8 +50,15 @@ def job_update_message(job: Job) -> dict[str, Any]:
 
 
 def frame_text(frame: dict[str, Any]) -> str:
-    """A frame as the JSON text sent on the socket (encoded once, whatever the audience)."""
-    return json.dumps(frame, separators=(",", ":"), ensure_ascii=False)
+    """A frame as the JSON text sent on the socket (encoded once, whatever the audience).
+
+    orjson: a batch of 1,000 jobs publishes 1,000 frames, and every update of every job is
+    encoded here once. It refuses what the json module accepts (integers beyond 64 bits in a
+    result, say): those take the json module."""
+    try:
+        return orjson.dumps(frame).decode()
+    except TypeError:
+        return json.dumps(frame, separators=(",", ":"), ensure_ascii=False)
 
 
 def update_messages(jobs: Iterable[Job], prefix: str | None = None) -> list[tuple[str, str]]:
