@@ -27,7 +27,7 @@ lint:
 format:
 	@$(UV) run ruff check --fix . && $(UV) run ruff format .
 
-# The performance suite (bench/README.md; `make bench BENCH_ARGS=--quick` takes ~2 minutes),
+# The performance suite (bench/README.md; about 20 minutes, `make bench BENCH_ARGS=--quick` about 3),
 # then the fairness benchmark (FAIRNESS_ARGS). Both run; the target fails if either did.
 bench: install
 	@cd bench && export DATABASE_URL="$${DATABASE_URL:-$(TEST_DATABASE_URL)}" \
