@@ -43,10 +43,7 @@ API_URLCONF = "config.api_urls"
 
 
 def is_api_path(path: str) -> bool:
-    return any(
-        path == prefix or path.startswith(prefix + "/") or path.startswith(prefix + "?")
-        for prefix in API_PATH_PREFIXES
-    )
+    return any(path == prefix or path.startswith(prefix + "/") for prefix in API_PATH_PREFIXES)
 
 
 def _json_error(status: int, message: str) -> HttpResponse:

@@ -66,12 +66,6 @@ def event_increments(prefix: str, event: str, jobs: Iterable[Job]) -> list[tuple
     return [(f"{prefix}:metrics:events", name, amount) for name, amount in counts.items()]
 
 
-def count_events(pipe: Any, prefix: str, event: str, jobs: Iterable[Job]) -> None:
-    """Queue the HINCRBYs for `event` of the jobs on a (sync or async) pipeline."""
-    for key, name, amount in event_increments(prefix, event, jobs):
-        pipe.hincrby(key, name, amount)
-
-
 def record_outcomes(pipe: Any, prefix: str, jobs: Iterable[Job], now: datetime) -> None:
     """Count written outcomes (completed, failed, retried) and time finished attempts."""
     increments = _Increments()

@@ -112,12 +112,3 @@ def job_counts_by_status(*, tenant: Tenant) -> dict[str, int]:
     for status, n in rows.order_by():
         counts[status] = n
     return counts
-
-
-def idempotent_job_exists(*, tenant: Tenant, idempotency_key: str) -> bool:
-    """Whether a job created with this key in the last 24 hours exists (a replay)."""
-    return Job.objects.filter(
-        tenant=tenant,
-        idempotency_key=idempotency_key,
-        created_at__gte=timezone.now() - IDEMPOTENCY_WINDOW,
-    ).exists()

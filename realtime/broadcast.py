@@ -18,7 +18,6 @@ from django.conf import settings
 from realtime.hub import encode_frames, updates_channel
 
 if TYPE_CHECKING:
-    import redis
     import redis.asyncio as aioredis
 
     from jobs.models import Job
@@ -73,13 +72,9 @@ def update_messages(jobs: Iterable[Job], prefix: str | None = None) -> list[tupl
     ]
 
 
-def _log_failure(jobs: list[Job]) -> None:
-    # The database holds the state; a subscriber can catch up with SUBSCRIBE since.
-    logger.exception("broadcast failed job_ids=%s", ",".join(str(job.id) for job in jobs[:10]))
-
-
 async def abroadcast(client: aioredis.Redis, jobs: Iterable[Job]) -> None:
-    """Publish the jobs' updates (one message per tenant) in one round trip; never raises."""
+    """Publish the jobs' updates (one message per tenant) in one round trip; never raises.
+    (The API publishes inside its enqueue call instead: services.announce.)"""
     jobs = list(jobs)
     if not jobs:
         return
@@ -89,18 +84,5 @@ async def abroadcast(client: aioredis.Redis, jobs: Iterable[Job]) -> None:
             pipe.publish(channel, message)
         await pipe.execute()
     except Exception:
-        _log_failure(jobs)
-
-
-def broadcast(client: redis.Redis, jobs: Iterable[Job]) -> None:
-    """Sync twin of `abroadcast` (the admin, management commands, the ORM fallback)."""
-    jobs = list(jobs)
-    if not jobs:
-        return
-    try:
-        pipe = client.pipeline(transaction=False)
-        for channel, message in update_messages(jobs):
-            pipe.publish(channel, message)
-        pipe.execute()
-    except Exception:
-        _log_failure(jobs)
+        # The database holds the state; a subscriber can catch up with SUBSCRIBE since.
+        logger.exception("broadcast failed job_ids=%s", ",".join(str(job.id) for job in jobs[:10]))

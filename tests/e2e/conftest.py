@@ -44,6 +44,14 @@ def wait_until(predicate: Callable[[], Any], *, timeout: float, message: str) ->
     raise AssertionError(f"timed out after {timeout}s: {message}")
 
 
+def healthy(base_url: str) -> bool:
+    """Whether an API answers /health at `base_url`."""
+    try:
+        return httpx.get(f"{base_url}/health", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
 @dataclass
 class Stack:
     """Environment and processes of one end-to-end test; everything is stopped at the end."""
@@ -65,8 +73,13 @@ class Stack:
         """`manage.py serve` on a free port (`args`: more of its options); returns the
         supervisor once /health answers."""
         self.port = free_port()
+        return self.spawn_api("api", self.port, *args, processes=processes)
+
+    def spawn_api(self, label: str, port: int, *args: str, processes: int = 1) -> subprocess.Popen:
+        """`manage.py serve` on `port`, logged as `label`, once /health answers there (a second
+        API, as on another host, takes a port of its own)."""
         proc = self._spawn(
-            "api",
+            label,
             [
                 sys.executable,
                 str(ROOT / "manage.py"),
@@ -74,13 +87,14 @@ class Stack:
                 "--host",
                 "127.0.0.1",
                 "--port",
-                str(self.port),
+                str(port),
                 "--processes",
                 str(processes),
                 *args,
             ],
         )
-        wait_until(self._healthy, timeout=30, message="the API did not answer /health")
+        url = f"http://127.0.0.1:{port}"
+        wait_until(lambda: healthy(url), timeout=30, message=f"{label} did not answer /health")
         return proc
 
     def start_worker(self, *args: str, name: str = "e2e-worker") -> subprocess.Popen:
@@ -108,12 +122,6 @@ class Stack:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT)
         self.processes.append(proc)
         return proc
-
-    def _healthy(self) -> bool:
-        try:
-            return httpx.get(f"{self.base_url}/health", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
 
     def log(self, label: str) -> str:
         path = self.tmp / f"{label}.log"

@@ -13,46 +13,19 @@ import pytest
 
 from jobs.models import Job, JobStatus, Tenant
 from jobs.services import api_key_create
-from tests.e2e.conftest import ROOT, Stack, free_port, wait_until
+from tests.e2e.conftest import ROOT, Stack, free_port
 from tests.support.wrk import finish_wrk, start_wrk
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
-
-
-def start_second_api(stack: Stack) -> str:
-    """Another API process on a port of its own (as on another host); its base URL."""
-    port = free_port()
-    stack._spawn(
-        "api-2",
-        [
-            sys.executable,
-            str(ROOT / "manage.py"),
-            "serve",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--processes",
-            "1",
-        ],
-    )
-    url = f"http://127.0.0.1:{port}"
-
-    def healthy() -> bool:
-        try:
-            return httpx.get(f"{url}/health", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    wait_until(healthy, timeout=30, message="the second API did not answer /health")
-    return url
 
 
 def test_revoked_key_is_refused_by_every_api_process_within_a_second(stack: Stack) -> None:
     tenant = Tenant.objects.create(id="acme")
     key_row, key = api_key_create(tenant=tenant)
     stack.start_api()
-    urls = [stack.base_url, start_second_api(stack)]
+    second_port = free_port()
+    stack.spawn_api("api-2", second_port)
+    urls = [stack.base_url, f"http://127.0.0.1:{second_port}"]
     headers = {"Authorization": f"Bearer {key}"}
     # Each process has answered with this key several times: it is in their caches.
     for url in urls:
