@@ -21,7 +21,7 @@ from django.db import transaction
 from jobs.models import Tenant
 from jobs.orm import orm
 from jobs.queue import sync_client
-from jobs.services import api_key_authenticate, hash_api_key
+from jobs.services import API_KEY_RE, api_key_authenticate, hash_api_key
 from realtime.hub import Hub, auth_channel, running_hub
 
 logger = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ def _cache_for(hub: Hub) -> KeyCache:
 
 
 def well_formed(raw_key: str) -> bool:
-    return raw_key.startswith("jq_") and len(raw_key) <= 200
+    return API_KEY_RE.fullmatch(raw_key) is not None
 
 
 async def aauthenticate(raw_key: str) -> Tenant | None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 from uuid import UUID
 
@@ -16,6 +16,7 @@ from pydantic import (
     Field,
     StrictInt,
     StringConstraints,
+    field_validator,
     model_validator,
 )
 from pydantic.alias_generators import to_camel
@@ -25,6 +26,25 @@ from jobs.models import PRIORITY_MAX, PRIORITY_MIN, TENANT_ID_PATTERN
 MAX_DELAY_MS = 365 * 24 * 3600 * 1000
 MAX_TIMEOUT_MS = 24 * 3600 * 1000
 MAX_ATTEMPTS = 25
+
+# Times a client may give: from the Unix epoch on. A time outside what Python and the database
+# both hold (year 1 at +14:00 is year 0 in UTC) used to be stored, then break every read of its
+# row, in the worker's batches and maintenance too.
+EARLIEST_TIME = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def in_time_range(value: datetime, *, name: str, latest: datetime) -> datetime:
+    """`value` in UTC if it lies between EARLIEST_TIME and `latest`; else ValueError."""
+    try:
+        utc = value.astimezone(UTC)
+    except (OverflowError, ValueError) as exc:
+        raise ValueError(f"{name} is out of range") from exc
+    if not EARLIEST_TIME <= utc <= latest:
+        raise ValueError(
+            f"{name} must be between {EARLIEST_TIME.isoformat()} and {latest.isoformat()}"
+        )
+    return utc
+
 
 TenantId = Annotated[str, StringConstraints(pattern=TENANT_ID_PATTERN)]
 JobType = Annotated[str, StringConstraints(min_length=1, max_length=64)]
@@ -60,6 +80,14 @@ class JobIn(CamelIn):
     delay_ms: StrictInt | None = Field(None, ge=0, le=MAX_DELAY_MS)
     max_attempts: StrictInt = Field(3, ge=1, le=MAX_ATTEMPTS)
     timeout_ms: StrictInt | None = Field(None, ge=1, le=MAX_TIMEOUT_MS)
+
+    @field_validator("run_at")
+    @classmethod
+    def _run_at_in_range(cls, value: datetime | None) -> datetime | None:
+        if value is None:
+            return None
+        latest = datetime.now(UTC) + timedelta(milliseconds=MAX_DELAY_MS)
+        return in_time_range(value, name="runAt", latest=latest)
 
     @model_validator(mode="after")
     def _one_schedule(self) -> JobIn:

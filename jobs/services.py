@@ -9,6 +9,7 @@ import hashlib
 import hmac
 import json
 import logging
+import re
 import secrets
 import uuid
 from collections.abc import Sequence
@@ -32,6 +33,8 @@ logger = logging.getLogger(__name__)
 
 API_KEY_PREFIX_BYTES = 6  # 12 hex characters identify a key without revealing it
 LAST_USED_RESOLUTION = timedelta(minutes=1)
+# `jq_<12 hex>_<token_urlsafe(32)>`; a little slack on the secret part's length.
+API_KEY_RE = re.compile(r"jq_[0-9a-f]{12}_[A-Za-z0-9_\-]{20,100}")
 
 
 # --- tenants and API keys -----------------------------------------------------------------------
@@ -93,7 +96,8 @@ def api_key_revoke(*, prefix: str) -> ApiKey:
 
 def api_key_authenticate(*, raw_key: str) -> Tenant | None:
     """The active tenant a key belongs to, or None. Compares hashes in constant time."""
-    if not raw_key.startswith("jq_") or len(raw_key) > 200:
+    if not API_KEY_RE.fullmatch(raw_key):
+        # Not one of our keys (a NUL or any other odd character never reaches the database).
         return None
     prefix = raw_key[3:].split("_", 1)[0]
     key = (

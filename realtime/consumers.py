@@ -42,6 +42,7 @@ from jobs.auth import aauthenticate
 from jobs.models import TENANT_ID_PATTERN, Tenant
 from jobs.orm import orm
 from jobs.queue import sync_client
+from jobs.schemas import in_time_range
 from jobs.selectors import job_updated_since
 from realtime.auth import is_staff_user
 from realtime.broadcast import iso, job_update_message
@@ -408,7 +409,10 @@ class JobUpdatesConsumer(AsyncJsonWebsocketConsumer):
         since = _parse_time(raw)
         if since is None:
             raise ProtocolError('"since" must be an ISO 8601 time, e.g. 2025-01-31T12:00:00Z')
-        return since
+        try:
+            return in_time_range(since, name='"since"', latest=timezone.now() + timedelta(days=1))
+        except ValueError as exc:
+            raise ProtocolError(str(exc)) from exc
 
     async def _authorize(self, tenant_id: str) -> None:
         if self.tenant is not None and self.tenant.id == tenant_id:

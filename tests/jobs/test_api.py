@@ -214,6 +214,13 @@ def test_bad_list_query_is_400(client: Client, api_key: str, params: dict) -> No
         ({**SLEEP, "delayMs": -5}, "delayMs"),
         ({**SLEEP, "runAt": "tomorrow"}, "runAt"),
         ({**SLEEP, "runAt": "2030-01-01T00:00:00"}, "runAt"),
+        # Outside what Python and the database hold once in UTC (year 0 and year 10000): such
+        # a row used to be stored, then break every read of it, the worker's included.
+        ({**SLEEP, "runAt": "0001-01-01T00:00:00+14:00"}, "runAt"),
+        ({**SLEEP, "runAt": "9999-12-31T23:59:59-14:00"}, "runAt"),
+        ({**SLEEP, "runAt": "9999-12-31T23:59:59-23:59"}, "runAt"),
+        ({**SLEEP, "runAt": "1969-12-31T23:59:59Z"}, "runAt"),
+        ({**SLEEP, "runAt": "2300-01-01T00:00:00Z"}, "runAt"),
         ({**SLEEP, "unknownField": 1}, "unknownField"),
         ({**SLEEP, "tenantId": "bad tenant!"}, "tenantId"),
         (
@@ -234,6 +241,18 @@ def test_invalid_job_is_400_with_field_details(
     fields = [d["field"] for d in response["details"]]
     assert any(f == field or f.startswith(field + ".") for f in fields), fields
     assert Job.objects.count() == 0
+
+
+def test_run_at_in_the_past_runs_now_and_is_kept_in_utc(client: Client, api_key: str) -> None:
+    response = post(client, "/jobs", {**SLEEP, "runAt": "2020-01-01T02:00:00+02:00"}, api_key)
+    assert response.status_code == 201, response.content
+    assert response.json()["runAt"] == "2020-01-01T00:00:00Z"
+
+
+@pytest.mark.parametrize("token", ["jq_\x00abc_x", "jq_0123456789ab_\x00" + "a" * 40, "jq_%00"])
+def test_odd_characters_in_a_key_are_401_not_500(client: Client, token: str) -> None:
+    response = client.get("/jobs", HTTP_AUTHORIZATION=f"Bearer {token}")
+    assert_error(response, 401, "Missing or invalid API key")
 
 
 def test_run_at_and_delay_together_is_400(client: Client, api_key: str) -> None:

@@ -67,6 +67,13 @@ async def test_bad_token_refused(api_key: str) -> None:
 
 
 @socket_db
+async def test_key_with_a_nul_is_refused_not_an_error(tenant: Tenant) -> None:
+    # `/ws?token=jq_%00abc_x` reached the database and answered 500 with a traceback.
+    await assert_refused(token="jq_\x00abc_x")
+    await assert_refused(token="jq_0123456789ab_" + "\x00" * 30)
+
+
+@socket_db
 async def test_revoked_key_refused(api_key: str) -> None:
     await ApiKey.objects.filter(prefix=api_key.split("_")[1]).aupdate(revoked_at=timezone.now())
     await assert_refused(token=api_key)

@@ -243,7 +243,14 @@ async def test_since_replays_newer_jobs_oldest_first(
 async def test_since_accepts_offsets_and_rejects_garbage(api_key: str, tenant: Tenant) -> None:
     async with open_ws(token=api_key) as comm:
         await subscribe(comm, "tenant-1", since="2020-01-01T00:00:00+02:00")
-        for bad in ("yesterday", "2020-13-01T00:00:00Z", 12345, ""):
+        for bad in (
+            "yesterday",
+            "2020-13-01T00:00:00Z",
+            12345,
+            "",
+            "0001-01-01T00:00:00+14:00",  # year 0 in UTC
+            "9999-12-31T23:59:59-14:00",  # year 10000 in UTC
+        ):
             await expect_error(
                 comm, {"type": "SUBSCRIBE", "tenantId": "tenant-1", "since": bad}, "since"
             )
