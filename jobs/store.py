@@ -17,10 +17,11 @@ import uuid
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any, TypeVar
 
+import psycopg
 from django.conf import settings
 from django.db import close_old_connections, connection, transaction
 from django.db.models import F
@@ -35,6 +36,7 @@ T = TypeVar("T")
 
 # Time a claimed job may be early against this process's clock (Redis decides due times).
 CLOCK_TOLERANCE = timedelta(milliseconds=500)
+READABLE_SINCE = datetime(1, 1, 2, tzinfo=UTC)
 
 
 def retry_delay(*, attempt: int, base_ms: int, max_ms: int) -> timedelta:
@@ -184,15 +186,46 @@ def _claim_in_one_statement(
 
 
 async def aclaim_jobs(*, job_ids: list[str], worker: str) -> list[Job]:
-    """`claim_jobs` on PostgreSQL from the event loop (one statement, its own transaction)."""
+    """`claim_jobs` on PostgreSQL from the event loop: one statement in one transaction.
+
+    A row this process cannot read back (a time outside Python's range, written before the API
+    bounded them or by hand) must not take the batch with it: the transaction is rolled back
+    (nothing was claimed), the ids are claimed one by one, and an unreadable one is failed on
+    its own (`fail_unreadable`)."""
     if not job_ids:
         return []
+    try:
+        return await _claim_in_transaction(job_ids=job_ids, worker=worker)
+    except psycopg.DataError:
+        if len(job_ids) == 1:
+            await fail_unreadable(job_id=job_ids[0])
+            return []
+    claimed: list[Job] = []
+    for job_id in job_ids:
+        claimed.extend(await aclaim_jobs(job_ids=[job_id], worker=worker))
+    return claimed
+
+
+async def _claim_in_transaction(*, job_ids: list[str], worker: str) -> list[Job]:
     sql, params = _claim_statement(
         job_ids=job_ids, worker=worker, token=uuid.uuid4(), now=timezone.now()
     )
-    async with pg.connection() as conn:
+    async with pg.connection() as conn, conn.transaction():
         cursor = await conn.execute(sql, params)
         return [job_from_row(row) for row in await cursor.fetchall()]
+
+
+async def fail_unreadable(*, job_id: str) -> None:
+    """FAIL a PENDING job whose row cannot be read (without reading it), so that it stops
+    coming back; logged, as nothing can be broadcast for it."""
+    sql = f"""
+        UPDATE {Job._meta.db_table} SET status = 'FAILED', finished_at = now(),
+            updated_at = now(), error = 'unreadable row: a time outside the supported range'
+        WHERE id = %s::uuid AND status = 'PENDING'
+    """
+    async with pg.connection() as conn:
+        await conn.execute(sql, (job_id,))
+    logger.error("job %s failed: its row cannot be read (a time out of range)", job_id)
 
 
 def _fenced(job: Job) -> Any:
@@ -395,7 +428,11 @@ def recover_expired_leases(*, limit: int) -> list[Job]:
 
 def pending_jobs(*, after: datetime | None, horizon: datetime, limit: int) -> list[Job]:
     """PENDING jobs due before `horizon`, by creation time (keyset pagination on created_at)."""
-    qs = Job.objects.filter(status=JobStatus.PENDING, run_at__lte=horizon)
+    # A run_at before year 1 once in UTC cannot be read: such a row (stored before the API
+    # bounded times) is skipped here rather than stopping reconciliation for everyone.
+    qs = Job.objects.filter(
+        status=JobStatus.PENDING, run_at__lte=horizon, run_at__gte=READABLE_SINCE
+    )
     if after is not None:
         qs = qs.filter(created_at__gt=after)
     return list(

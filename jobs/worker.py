@@ -578,19 +578,27 @@ class Worker:
                 self._log("heartbeat failed: %s", exc, level=logging.WARNING)
 
     async def _maintenance_loop(self) -> None:
-        """Recover dead workers' jobs and reconcile Redis with the database, periodically."""
+        """Recover dead workers' jobs, copy tenant limits and reconcile Redis with the database,
+        periodically. Each task runs and fails on its own: one that keeps failing (a row it
+        cannot read, say) must not stop the others for every tenant."""
         recovery_every = max(0.5, self.lease_s / 3)
         last_reconcile = 0.0
         while True:
-            try:
-                await self.recover()
-                await self.queue.replace_tenant_limits(await self.store.tenant_limits())
-                if time.monotonic() - last_reconcile >= self.reconcile_interval_s:
-                    last_reconcile = time.monotonic()
-                    await self.reconcile()
-            except Exception as exc:
-                self._log("maintenance failed: %s", exc, level=logging.WARNING)
+            await self._maintain("recovery", self.recover)
+            await self._maintain("limit sync", self._sync_limits)
+            if time.monotonic() - last_reconcile >= self.reconcile_interval_s:
+                last_reconcile = time.monotonic()
+                await self._maintain("reconciliation", self.reconcile)
             await asyncio.sleep(recovery_every)
+
+    async def _maintain(self, task: str, run: Any) -> None:
+        try:
+            await run()
+        except Exception as exc:
+            self._log("maintenance failed: %s: %s", task, exc, level=logging.WARNING)
+
+    async def _sync_limits(self) -> None:
+        await self.queue.replace_tenant_limits(await self.store.tenant_limits())
 
     async def _lock(self, name: str, ttl_s: float) -> bool:
         return bool(

@@ -488,3 +488,74 @@ def test_database_error_during_a_claim_puts_the_ids_back(tenant: Tenant, redis_c
     assert redis_client.zscore(queue.key("ready", tenant.id), str(job.id)) is not None
     assert redis_client.hget(queue.key("running"), tenant.id) is None
     assert redis_client.keys(f"{queue.prefix}:processing:*") == []
+
+
+def test_an_unreadable_row_is_failed_alone_and_the_batch_runs(
+    tenant: Tenant, other_tenant: Tenant
+) -> None:
+    """A row whose time is outside Python's range (year 0 in UTC, stored before the API bounded
+    times, or by hand) is failed on its own; the other tenant's job claimed in the same batch
+    completes, and maintenance keeps running."""
+    good = enqueue(other_tenant, "sleep", {"delayMs": 0})
+    bad = enqueue(tenant, "sleep", {"delayMs": 0})
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "UPDATE jobs_job SET run_at = '0001-01-01T00:00:00+14:00' WHERE id = %s", [bad.id]
+        )
+    worker = make_worker()
+    assert asyncio.run(asyncio.wait_for(worker.run(), timeout=60)) == 0
+    assert Job.objects.get(id=good.id).status == JobStatus.COMPLETED
+    status, error = Job.objects.filter(id=bad.id).values_list("status", "error").get()
+    assert status == JobStatus.FAILED
+    assert "unreadable row" in error
+    assert not Job.objects.filter(status=JobStatus.RUNNING).exists()
+
+
+def test_reconciliation_skips_an_unreadable_row(
+    tenant: Tenant, redis_client: Any, redis_prefix: str
+) -> None:
+    lost = enqueue(tenant, "sleep", {"delayMs": 0})
+    bad = enqueue(tenant, "sleep", {"delayMs": 0})
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "UPDATE jobs_job SET run_at = '0001-01-01T00:00:00+14:00' WHERE id = %s", [bad.id]
+        )
+    keys = list(redis_client.scan_iter(match=f"{redis_prefix}:*"))
+    redis_client.delete(*keys)  # as if Redis had been flushed
+    # A burst run reconciles first: the lost job is found and run, the bad row is left alone.
+    run_burst()
+    assert Job.objects.get(id=lost.id).status == JobStatus.COMPLETED
+    assert Job.objects.filter(id=bad.id).values_list("status", flat=True).get() == "PENDING"
+
+
+def test_one_failing_maintenance_task_does_not_stop_the_others(tenant: Tenant) -> None:
+    worker = make_worker()
+    worker.reconcile_interval_s = 0
+    ran: list[str] = []
+    reconciled_twice = asyncio.Event()
+
+    async def broken_recovery() -> int:
+        ran.append("recover")
+        raise RuntimeError("a row it cannot read")
+
+    async def reconcile() -> int:
+        ran.append("reconcile")
+        if ran.count("reconcile") >= 2:
+            reconciled_twice.set()
+        return 0
+
+    worker.recover = broken_recovery  # type: ignore[method-assign]
+    worker.reconcile = reconcile  # type: ignore[method-assign]
+
+    async def scenario() -> None:
+        loop = asyncio.create_task(worker._maintenance_loop())
+        try:
+            await reconciled_twice.wait()
+        finally:
+            loop.cancel()
+            await asyncio.gather(loop, return_exceptions=True)
+            worker.store.close()
+            await worker.redis.aclose()
+
+    asyncio.run(asyncio.wait_for(scenario(), timeout=20))
+    assert ran.count("recover") >= 2
