@@ -75,3 +75,16 @@ def test_limit_holds_across_concurrent_clients(api_key: str, tenant: Tenant) -> 
     # 20 at once, plus what refills (20/s) during the few hundred ms the 60 requests take.
     assert 20 <= created < 40, created
     assert codes.count(429) == 60 - created
+
+
+def test_cancel_and_retry_spend_the_limit_too(client: Client, api_key: str, tenant: Tenant) -> None:
+    # Retrying one job over and over re-ran its webhook without limit.
+    tenant.rate_limit = 3
+    tenant.save()
+    job_id = post(client, "/jobs", SLEEP, api_key).json()["id"]
+    assert post(client, f"/jobs/{job_id}/cancel", {}, api_key).status_code == 200
+    assert post(client, f"/jobs/{job_id}/retry", {}, api_key).status_code == 200
+    refused = post(client, f"/jobs/{job_id}/cancel", {}, api_key)
+    assert_error(refused, 429, "Rate limit exceeded")
+    assert int(refused["Retry-After"]) >= 1
+    assert Job.objects.get(id=job_id).status == "PENDING"
