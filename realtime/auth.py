@@ -9,13 +9,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
-from urllib.parse import ParseResult, parse_qs, urlparse
+from urllib.parse import parse_qs, urlparse
 
 from channels.auth import AuthMiddlewareStack
 from channels.middleware import BaseMiddleware
-from channels.security.websocket import OriginValidator
 from django.conf import settings
 from django.contrib.auth.models import AnonymousUser
+from django.http.request import split_domain_port, validate_host
 
 from jobs.orm import orm
 from jobs.services import api_key_authenticate
@@ -65,40 +65,60 @@ def is_staff_user(user: Any) -> bool:
     )
 
 
-def _parsed_origin(scope: Scope) -> ParseResult | None:
-    origin = header(scope, b"origin")
-    if not origin:
-        return None
-    parsed = urlparse(origin.strip().lower())
-    try:
-        parsed.port  # noqa: B018 -- raises ValueError on a malformed port
-    except ValueError:
-        return None
-    if not parsed.scheme or not parsed.hostname:
-        return None
-    return parsed
+def _request_scheme(scope: Scope) -> str:
+    """`https` if the browser reached us over TLS: `wss` to Daphne, or, behind a TLS proxy that
+    Django is told to trust (`HTTPS=1`), its forwarded-protocol header."""
+    if scope.get("scheme") == "wss":
+        return "https"
+    proxy_header = getattr(settings, "SECURE_PROXY_SSL_HEADER", None)
+    if proxy_header:
+        name = proxy_header[0].removeprefix("HTTP_").replace("_", "-").lower().encode()
+        forwarded = header(scope, name)
+        if forwarded is not None and forwarded.split(",")[0].strip() == proxy_header[1]:
+            return "https"
+    return "http"
+
+
+def _trusted(origin: str) -> bool:
+    """`origin` is one of CSRF_TRUSTED_ORIGINS (`https://*.example.com` covers subdomains)."""
+    parsed = urlparse(origin)
+    for trusted in settings.CSRF_TRUSTED_ORIGINS:
+        trusted = trusted.lower()
+        if origin == trusted:
+            return True
+        wanted = urlparse(trusted)
+        if (
+            wanted.scheme == parsed.scheme
+            and wanted.netloc.startswith("*.")
+            and parsed.netloc.endswith(wanted.netloc[1:])
+        ):
+            return True
+    return False
 
 
 def origin_allowed(scope: Scope) -> bool:
-    """True if the handshake's Origin is present and matches ALLOWED_HOSTS.
+    """True if the handshake's Origin is the service's own: the same scheme, host and port as
+    the request (its Host being one of ALLOWED_HOSTS), or one of CSRF_TRUSTED_ORIGINS, as
+    Django's CSRF check decides.
 
     A session cookie is sent by the browser whatever page opens the socket, so a cookie-based
-    connection must come from one of our own pages (cross-site WebSocket hijacking). A `*` in
-    ALLOWED_HOSTS would make that check a no-op, so it only admits a same-origin request.
+    connection must come from one of our own pages (cross-site WebSocket hijacking). The host
+    alone is not enough: a page on another port or scheme of the same host is another origin
+    (another service on that machine, or plain HTTP where the service is HTTPS).
     """
-    parsed = _parsed_origin(scope)
-    if parsed is None:
+    origin = (header(scope, b"origin") or "").strip().lower()
+    if not origin or origin == "null":
         return False
+    if _trusted(origin):
+        return True
+    host = (header(scope, b"host") or "").strip().lower()
+    if not host or origin != f"{_request_scheme(scope)}://{host}":
+        return False
+    domain, _port = split_domain_port(host)
     allowed = list(settings.ALLOWED_HOSTS)
     if settings.DEBUG and not allowed:
         allowed = DEBUG_ALLOWED_HOSTS
-    patterns = [pattern for pattern in allowed if pattern != "*"]
-    if OriginValidator(None, patterns).validate_origin(parsed):
-        return True
-    if "*" in allowed:
-        host = header(scope, b"host")
-        return host is not None and parsed.netloc == host.strip().lower()
-    return False
+    return bool(domain) and validate_host(domain, allowed)
 
 
 async def deny_connection(scope: Scope, receive: Receive, send: Send) -> None:

@@ -49,6 +49,9 @@ def ws_path(token: str | None = None) -> str:
 
 
 def communicator(*, token: str | None = None, headers: Headers = ()) -> WebsocketCommunicator:
+    # As a browser on http://localhost:8000 would send it (ALLOWED_ORIGIN is that page's origin).
+    if not any(name == b"host" for name, _ in headers):
+        headers = [(b"host", b"localhost:8000"), *headers]
     return WebsocketCommunicator(application, ws_path(token), headers=list(headers))
 
 

@@ -180,31 +180,69 @@ def test_api_key_from_scope(
         (None, False),
         (b"", False),
         (b"null", False),
-        (b"http://localhost", True),
         (b"http://localhost:8000", True),
-        (b"https://127.0.0.1:8443", True),
-        (b"http://[::1]:8000", True),
         (b"http://LOCALHOST:8000", True),
+        # The same host is not enough: another port, scheme or service is another origin
+        # (a page on http://127.0.0.1:18300 received another tenant's updates in Chromium).
+        (b"http://localhost", False),
+        (b"http://localhost:18300", False),
+        (b"https://localhost:8000", False),
+        (b"ftp://localhost:8000", False),
+        (b"file://", False),
         (b"https://evil.example", False),
         (b"http://localhost.evil.example", False),
         (b"http://localhost:99999", False),
     ],
 )
-def test_origin_allowed(settings: Any, origin: bytes | None, expected: bool) -> None:
+def test_origin_must_be_the_requests_own(
+    settings: Any, origin: bytes | None, expected: bool
+) -> None:
     settings.ALLOWED_HOSTS = ["localhost", "127.0.0.1", "[::1]"]
-    headers = [] if origin is None else [(b"origin", origin)]
+    headers = [(b"host", b"localhost:8000")]
+    if origin is not None:
+        headers.append((b"origin", origin))
     assert origin_allowed(scope(*headers)) is expected
+
+
+def test_origin_of_a_host_not_allowed_is_refused(settings: Any) -> None:
+    settings.ALLOWED_HOSTS = ["localhost"]
+    evil = scope((b"host", b"evil.example"), (b"origin", b"http://evil.example"))
+    assert origin_allowed(evil) is False
+
+
+def test_origin_over_tls(settings: Any) -> None:
+    settings.ALLOWED_HOSTS = ["jobs.example.com"]
+    direct = {
+        **scope((b"host", b"jobs.example.com"), (b"origin", b"https://jobs.example.com")),
+        "scheme": "wss",
+    }
+    assert origin_allowed(direct) is True
+    # Behind a TLS proxy Django is told to trust (HTTPS=1), its forwarded protocol counts.
+    proxied = scope(
+        (b"host", b"jobs.example.com"),
+        (b"origin", b"https://jobs.example.com"),
+        (b"x-forwarded-proto", b"https"),
+    )
+    assert origin_allowed(proxied) is False
+    settings.SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+    assert origin_allowed(proxied) is True
+    plain = scope((b"host", b"jobs.example.com"), (b"origin", b"http://jobs.example.com"))
+    assert origin_allowed({**plain, "scheme": "wss"}) is False
 
 
 def test_origin_wildcard_host_only_admits_same_origin(settings: Any) -> None:
     settings.ALLOWED_HOSTS = ["*"]
-    same = scope((b"host", b"jobs.example.com"), (b"origin", b"https://jobs.example.com"))
+    same = scope((b"host", b"jobs.example.com"), (b"origin", b"http://jobs.example.com"))
     cross = scope((b"host", b"jobs.example.com"), (b"origin", b"https://evil.example"))
     assert origin_allowed(same) is True
     assert origin_allowed(cross) is False
 
 
-def test_origin_subdomain_pattern(settings: Any) -> None:
-    settings.ALLOWED_HOSTS = [".example.com"]
-    assert origin_allowed(scope((b"origin", b"https://jobs.example.com"))) is True
-    assert origin_allowed(scope((b"origin", b"https://example.com.evil.io"))) is False
+def test_trusted_origins_as_django_csrf_has_them(settings: Any) -> None:
+    settings.ALLOWED_HOSTS = ["api.example.com"]
+    settings.CSRF_TRUSTED_ORIGINS = ["https://ops.example.com", "https://*.corp.example"]
+    host = (b"host", b"api.example.com")
+    assert origin_allowed(scope(host, (b"origin", b"https://ops.example.com"))) is True
+    assert origin_allowed(scope(host, (b"origin", b"https://dash.corp.example"))) is True
+    assert origin_allowed(scope(host, (b"origin", b"http://ops.example.com"))) is False
+    assert origin_allowed(scope(host, (b"origin", b"https://corp.example.evil"))) is False
