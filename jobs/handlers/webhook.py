@@ -326,7 +326,9 @@ async def _exchange(
             method, content = "GET", None
             headers.pop("Content-Type", None)
         if next_url.scheme != url.scheme or next_url.host != url.host or next_url.port != url.port:
-            for name in CROSS_ORIGIN_DROPPED_HEADERS:
+            # Another origin gets none of the tenant's headers: any of them may be a credential
+            # (`X-Api-Key`, a signature), not only the standard ones.
+            for name in (*CROSS_ORIGIN_DROPPED_HEADERS, *payload.headers):
                 headers.pop(name, None)
         url = next_url
     raise AssertionError("unreachable")  # pragma: no cover

@@ -865,13 +865,27 @@ async def test_webhook_redirect_to_another_origin_drops_credentials(
 ) -> None:
     set_allowed_hosts(settings, ["127.0.0.0/8"])
     url = server.url(f"/redirect?code=307&to={server_2.url('/next')}")
-    headers = {"Authorization": "Bearer secret", "X-Custom": "kept"}
+    headers = {"Authorization": "Bearer secret", "X-Api-Key": "also-secret", "X-Custom": "x"}
     result = await run_async("webhook", {"url": url, "headers": headers})
     assert result["statusCode"] == 200
     assert server.received[0].headers["authorization"] == "Bearer secret"
+    assert server.received[0].headers["x-api-key"] == "also-secret"
     (forwarded,) = server_2.received
-    assert "authorization" not in forwarded.headers
-    assert forwarded.headers["x-custom"] == "kept"
+    # None of the tenant's headers reach another origin (X-Api-Key used to).
+    assert not {"authorization", "x-api-key", "x-custom"} & set(forwarded.headers)
+    assert forwarded.headers["x-job-id"]
+
+
+@pytest.mark.usefixtures("allow_127_0_0_1")
+async def test_webhook_redirect_within_the_origin_keeps_the_tenants_headers(
+    server: WebhookServer,
+) -> None:
+    url = server.url("/redirect?code=307&to=/next")
+    headers = {"X-Api-Key": "secret", "X-Custom": "x"}
+    result = await run_async("webhook", {"url": url, "headers": headers})
+    assert result["statusCode"] == 200
+    assert server.received[1].headers["x-api-key"] == "secret"
+    assert server.received[1].headers["x-custom"] == "x"
 
 
 @pytest.mark.usefixtures("allow_127_0_0_1")
