@@ -142,6 +142,10 @@ SECURE_CONTENT_TYPE_NOSNIFF = True
 X_FRAME_OPTIONS = "DENY"
 DATA_UPLOAD_MAX_MEMORY_SIZE = env_int("JOBS_MAX_BODY_BYTES", 4 * 1024 * 1024, minimum=1024)
 
+# Password logins (the admin's) are throttled per client address and per user name
+# (config/login_throttle.py).
+AUTHENTICATION_BACKENDS = ["config.login_throttle.ThrottledModelBackend"]
+
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
     {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
@@ -173,6 +177,10 @@ JOBS = {
     "SLEEP_MAX_MS": env_int("JOBS_SLEEP_MAX_MS", 600000, minimum=0),
     "TENANT_RATE_LIMIT": env_int("JOBS_TENANT_RATE_LIMIT", 0, minimum=0),
     "METRICS_TOKEN": env_str("JOBS_METRICS_TOKEN"),
+    # Failed password logins per client address or user name before logins are refused for
+    # LOGIN_WINDOW_S; 0 turns the throttle off.
+    "LOGIN_ATTEMPTS": env_int("JOBS_LOGIN_ATTEMPTS", 10, minimum=0),
+    "LOGIN_WINDOW_S": env_int("JOBS_LOGIN_WINDOW_S", 900, minimum=1),
     "SINCE_REPLAY_LIMIT": 1000,
     # How the API's hot endpoints reach the database: "postgres" (psycopg's async pool on the
     # event loop, jobs/api_store.py) or "orm" (the ORM in a thread: SQLite, and unit tests, whose

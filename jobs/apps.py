@@ -9,4 +9,5 @@ class JobsConfig(AppConfig):
     verbose_name = "Job queue"
 
     def ready(self) -> None:
+        from config import login_throttle  # noqa: F401 -- connects its receivers
         from jobs import signals  # noqa: F401 -- connects the receivers
