@@ -15,7 +15,6 @@ from jobs import selectors, services
 from jobs.auth import aauthenticate
 from jobs.models import Tenant
 from jobs.orm import orm
-from jobs.ratelimit import check_rate_limit
 from jobs.schemas import (
     BatchCreatedOut,
     ErrorOut,
@@ -147,16 +146,12 @@ async def get_job(request: HttpRequest, job_id: UUID) -> HttpResponse:
 )
 async def cancel_job(request: HttpRequest, job_id: UUID) -> dict:
     """PENDING: cancelled at once. RUNNING: cancelled, and its handler is stopped."""
-    # Cancels and retries spend the tenant's rate limit like creations: a retry re-runs a job
-    # (a webhook call, an email), so unlimited retries would bypass the limit.
-    await orm(check_rate_limit)(tenant=request.auth, jobs=1)
     cancel = orm(services.job_cancel)
-    return job_data(await cancel(tenant=request.auth, job_id=job_id))
+    return job_data(await cancel(tenant=request.auth, job_id=job_id, rate_limited=True))
 
 
 @router.post("/jobs/{job_id}/retry", response={200: JobOut, 404: ErrorOut, 409: ErrorOut, **ERRORS})
 async def retry_job(request: HttpRequest, job_id: UUID) -> dict:
     """FAILED or CANCELLED back to PENDING, attempts reset."""
-    await orm(check_rate_limit)(tenant=request.auth, jobs=1)
     retry = orm(services.job_retry)
-    return job_data(await retry(tenant=request.auth, job_id=job_id))
+    return job_data(await retry(tenant=request.auth, job_id=job_id, rate_limited=True))

@@ -11,7 +11,6 @@ Connections come from the event loop's pool (jobs/pg.py).
 
 from __future__ import annotations
 
-import logging
 import uuid
 from collections.abc import Sequence
 from typing import Any
@@ -21,8 +20,6 @@ from psycopg.types.json import Jsonb
 
 from jobs.models import Job
 from jobs.pg import connection as _connection
-
-logger = logging.getLogger(__name__)
 
 FIELDS = [field.attname for field in Job._meta.concrete_fields]
 COLUMNS = ", ".join(field.column for field in Job._meta.concrete_fields)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import time
-import weakref
 from dataclasses import dataclass
 
 from django.conf import settings
@@ -74,15 +73,10 @@ class KeyCache:
             self.entries.pop(digest, None)
 
 
-# One cache per hub (per event loop); weak, so a test's closed hub takes its cache with it.
-_caches: weakref.WeakKeyDictionary[Hub, KeyCache] = weakref.WeakKeyDictionary()
-
-
-def _cache_for(hub: Hub) -> KeyCache:
-    cache = _caches.get(hub)
-    if cache is None:
-        cache = _caches[hub] = KeyCache()
-        hub.on_auth_change(cache.invalidate)
+def _key_cache(hub: Hub) -> KeyCache:
+    """The hub's key cache, emptied of a tenant's keys whenever they change."""
+    cache = KeyCache()
+    hub.on_auth_change(cache.invalidate)
     return cache
 
 
@@ -97,7 +91,7 @@ async def aauthenticate(raw_key: str) -> Tenant | None:
     hub = running_hub()
     if hub is None or not hub.connected:
         return await orm(api_key_authenticate)(raw_key=raw_key)
-    cache = _cache_for(hub)
+    cache = hub.attached(_key_cache)
     digest = hash_api_key(raw_key)
     tenant = cache.get(digest, hub)
     if tenant is not None:

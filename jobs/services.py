@@ -154,10 +154,14 @@ def announce(jobs: Sequence[Job], *, push: bool, event: str | None = None) -> No
     try:
         queue.enqueue(**announcement(queue.prefix, jobs, push=push, event=event))
     except Exception:
-        logger.exception(
-            "announcing jobs to Redis failed; reconciliation will requeue job_ids=%s",
-            ",".join(str(j.id) for j in jobs[:10]),
-        )
+        _announce_failed(jobs)
+
+
+def _announce_failed(jobs: Sequence[Job]) -> None:
+    logger.exception(
+        "announcing jobs to Redis failed; reconciliation will requeue job_ids=%s",
+        ",".join(str(j.id) for j in jobs[:10]),
+    )
 
 
 def announcement(
@@ -179,17 +183,11 @@ async def aannounce(jobs: Sequence[Job], *, push: bool, event: str | None = None
     try:
         await queue.enqueue(**announcement(queue.prefix, jobs, push=push, event=event))
     except Exception:
-        logger.exception(
-            "announcing jobs to Redis failed; reconciliation will requeue job_ids=%s",
-            ",".join(str(j.id) for j in jobs[:10]),
-        )
+        _announce_failed(jobs)
 
 
 def _after_commit(jobs: Sequence[Job], *, push: bool, event: str | None = None) -> None:
     transaction.on_commit(lambda: announce(jobs, push=push, event=event))
-
-
-_JOB_FIELDS = [field.attname for field in Job._meta.concrete_fields]
 
 
 def _new_job(*, tenant: Tenant, spec: JobSpec, now: datetime, idempotency_key: str | None) -> Job:
@@ -210,7 +208,7 @@ def _new_job(*, tenant: Tenant, spec: JobSpec, now: datetime, idempotency_key: s
         "request_hash": spec.request_hash() if idempotency_key else None,
     }
     # Positional: Django's fast path (a batch builds 1,000 of these per request).
-    job = Job(*[values.get(name) for name in _JOB_FIELDS])
+    job = Job(*[values.get(name) for name in api_store.FIELDS])
     job._state.adding = True
     return job
 
@@ -345,8 +343,11 @@ def _locked_job(*, tenant: Tenant, job_id: uuid.UUID) -> Job:
     return job
 
 
-def job_cancel(*, tenant: Tenant, job_id: uuid.UUID) -> Job:
-    """Cancel a PENDING job (it never runs) or a RUNNING one (its worker stops the handler)."""
+def job_cancel(*, tenant: Tenant, job_id: uuid.UUID, rate_limited: bool = False) -> Job:
+    """Cancel a PENDING job (it never runs) or a RUNNING one (its worker stops the handler).
+    With `rate_limited`, it takes a token of the tenant's rate limit first (429)."""
+    if rate_limited:
+        check_rate_limit(tenant=tenant, jobs=1)
     with transaction.atomic():
         job = _locked_job(tenant=tenant, job_id=job_id)
         if job.status not in (JobStatus.PENDING, JobStatus.RUNNING):
@@ -387,8 +388,12 @@ def job_cancel(*, tenant: Tenant, job_id: uuid.UUID) -> Job:
     return job
 
 
-def job_retry(*, tenant: Tenant, job_id: uuid.UUID) -> Job:
-    """Put a FAILED or CANCELLED job back to PENDING with its attempts reset."""
+def job_retry(*, tenant: Tenant, job_id: uuid.UUID, rate_limited: bool = False) -> Job:
+    """Put a FAILED or CANCELLED job back to PENDING with its attempts reset. With
+    `rate_limited`, it takes a token of the tenant's rate limit first (429): a retry runs the
+    job again (a webhook call, an email), so unlimited retries would bypass the limit."""
+    if rate_limited:
+        check_rate_limit(tenant=tenant, jobs=1)
     with transaction.atomic():
         job = _locked_job(tenant=tenant, job_id=job_id)
         if job.status not in (JobStatus.FAILED, JobStatus.CANCELLED):

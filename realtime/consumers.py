@@ -26,7 +26,6 @@ import json
 import logging
 import re
 import time
-import weakref
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -150,17 +149,6 @@ class KeySockets:
             consumer.schedule_credentials_check()
 
 
-# One registry per hub (per event loop); weak, so a test's closed hub takes its registry along.
-_key_sockets: weakref.WeakKeyDictionary[Hub, KeySockets] = weakref.WeakKeyDictionary()
-
-
-def key_sockets(hub: Hub) -> KeySockets:
-    registry = _key_sockets.get(hub)
-    if registry is None:
-        registry = _key_sockets[hub] = KeySockets(hub)
-    return registry
-
-
 class JobUpdatesConsumer(AsyncJsonWebsocketConsumer):
     """`/ws`: SUBSCRIBE/UNSUBSCRIBE/PING from the client, JOB_UPDATE frames from the hub.
 
@@ -211,7 +199,7 @@ class JobUpdatesConsumer(AsyncJsonWebsocketConsumer):
         self.hub = get_hub()
         self.hub.start()
         if self.tenant is not None and self.scope.get("api_key"):
-            key_sockets(self.hub).add(self, self.tenant.id)
+            self.hub.attached(KeySockets).add(self, self.tenant.id)
         await self.accept()
         self.counted = await _count_connection(+1)
         if self.is_staff:
@@ -228,7 +216,7 @@ class JobUpdatesConsumer(AsyncJsonWebsocketConsumer):
             await _count_connection(-1)
         if self.hub is not None:
             if self.tenant is not None:
-                key_sockets(self.hub).discard(self, self.tenant.id)
+                self.hub.attached(KeySockets).discard(self, self.tenant.id)
             for tenant_id in list(self.subscriptions):
                 await self.hub.unsubscribe(tenant_id, self)
         self.subscriptions.clear()
@@ -455,14 +443,10 @@ class JobUpdatesConsumer(AsyncJsonWebsocketConsumer):
     def updates_lost(self) -> None:
         """The hub may have missed updates (its Redis connection dropped): tell the client, and
         re-check the key, whose revocation may have been missed too."""
-        self._warn_lost()
+        if not self.closing and self.subscriptions:
+            logger.warning("updates may have been lost %s", self.identity)
+            asyncio.get_running_loop().create_task(self.send_error(UPDATES_DROPPED))
         self.schedule_credentials_check()
-
-    def _warn_lost(self) -> None:
-        if self.closing or not self.subscriptions:
-            return
-        logger.warning("updates may have been lost %s", self.identity)
-        asyncio.get_running_loop().create_task(self.send_error(UPDATES_DROPPED))
 
     def schedule_credentials_check(self) -> None:
         """Re-check this socket's API key soon (its tenant's keys changed)."""

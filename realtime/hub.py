@@ -21,7 +21,7 @@ import os
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import redis.asyncio as aioredis
 from django.conf import settings
@@ -29,6 +29,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 RECONNECT_DELAYS_S = (0.05, 0.2, 0.5, 1.0, 2.0)
 # The ASGI extension our server (config/daphne_server.py) offers WebSocket applications:
@@ -91,7 +92,6 @@ class Hub:
     def __init__(self, *, url: str, prefix: str) -> None:
         self.url = url
         self.prefix = prefix
-        self.loop: asyncio.AbstractEventLoop | None = None
         # Bumped on every (re)connection: a cache entry taken under an older generation may have
         # missed an invalidation.
         self.generation = 0
@@ -100,6 +100,7 @@ class Hub:
         # One future per SUBSCRIBE sent, resolved by its confirmation (Redis answers in order).
         self._acks: dict[str, deque[asyncio.Future[None]]] = {}
         self._auth_callbacks: list[Callable[[str], None]] = []
+        self._attached: dict[Callable[[Hub], Any], Any] = {}
         self._pubsub: Any = None
         self._task: asyncio.Task[None] | None = None
         self._up = asyncio.Event()
@@ -110,8 +111,7 @@ class Hub:
     def start(self) -> None:
         """Start the reader task in the running loop (idempotent)."""
         if self._task is None or self._task.done():
-            self.loop = asyncio.get_running_loop()
-            self._task = self.loop.create_task(self._run(), name="realtime-hub")
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="realtime-hub")
 
     async def close(self) -> None:
         """Stop reading and close the connection (tests, shutdown)."""
@@ -134,6 +134,13 @@ class Hub:
     def on_auth_change(self, callback: Callable[[str], None]) -> None:
         """Call `callback(tenant_id)` whenever a key or tenant changes (from any process)."""
         self._auth_callbacks.append(callback)
+
+    def attached(self, factory: Callable[[Hub], T]) -> T:
+        """The one object `factory` makes for this hub (the key cache, the registry of key
+        sockets), made on first use; it lives and dies with the hub."""
+        if factory not in self._attached:
+            self._attached[factory] = factory(self)
+        return self._attached[factory]
 
     # --- subscriptions --------------------------------------------------------------------------
     async def subscribe(self, tenant: str, listener: Listener) -> None:
@@ -175,14 +182,19 @@ class Hub:
                 logger.warning("unsubscribe failed channel=%s: %s", name, exc)
 
     async def _send_subscribe(self, names: list[str]) -> None:
+        futures = self._expect_acks(names)
+        await self._pubsub.subscribe(*names)
+        await asyncio.wait_for(asyncio.gather(*futures), SUBSCRIBE_TIMEOUT_S)
+
+    def _expect_acks(self, names: list[str]) -> list[asyncio.Future[None]]:
+        """A future per channel about to be subscribed, resolved by its confirmation."""
         loop = asyncio.get_running_loop()
-        futures = []
+        futures: list[asyncio.Future[None]] = []
         for name in names:
             future: asyncio.Future[None] = loop.create_future()
             self._acks.setdefault(name, deque()).append(future)
             futures.append(future)
-        await self._pubsub.subscribe(*names)
-        await asyncio.wait_for(asyncio.gather(*futures), SUBSCRIBE_TIMEOUT_S)
+        return futures
 
     # --- reading --------------------------------------------------------------------------------
     async def _run(self) -> None:
@@ -203,10 +215,8 @@ class Hub:
                 await pubsub.subscribe(auth_channel(self.prefix))
                 self._pubsub = pubsub
                 names = list(self._channels)
-                for name in names:
-                    self._acks.setdefault(name, deque()).append(
-                        asyncio.get_running_loop().create_future()
-                    )
+                # Not awaited: this task is the reader that will resolve them.
+                self._expect_acks(names)
                 if names:
                     await pubsub.subscribe(*names)
                 self.connected = True
