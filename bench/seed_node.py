@@ -30,10 +30,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-import httpx
 import psycopg
 import redis
-from stack import Process, child_setup, free_port, wait_until
+from stack import Process, child_setup, free_port, wait_until, wait_until_healthy
 
 BENCH = Path(__file__).resolve().parent
 SOURCE = Path(os.environ.get("SEED_NODE_SRC", BENCH.parent.parent / "shared" / "seed-node"))
@@ -243,16 +242,7 @@ class SeedNode:
         proc = self._spawn(
             "seed-backend", ["node", "dist/backend/index.js"], {"PORT": str(self.port)}
         )
-
-        def healthy() -> bool:
-            if not proc.alive():
-                raise RuntimeError(f"seed backend exited early:\n{tail(proc)}")
-            try:
-                return httpx.get(f"{self.base_url}/health", timeout=1).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_until(healthy, timeout=timeout, message="seed backend did not answer /health")
+        wait_until_healthy(proc, self.base_url, what="seed backend", timeout=timeout)
         return proc
 
     def start_worker(self, label: str = "seed-node-worker", *, timeout: float = 30) -> Process:
@@ -261,7 +251,7 @@ class SeedNode:
 
         def started() -> bool:
             if not proc.alive():
-                raise RuntimeError(f"seed worker exited early:\n{tail(proc)}")
+                raise RuntimeError(f"seed worker exited early:\n{proc.tail()}")
             return "Worker started" in proc.log_path.read_text(errors="replace")
 
         wait_until(started, timeout=timeout, message="seed worker did not start")
@@ -330,12 +320,6 @@ def run_group(
         popen.wait(timeout=10)
         raise
     return popen.returncode, out or b""
-
-
-def tail(proc: Process, lines: int = 30) -> str:
-    if not proc.log_path.exists():
-        return ""
-    return "\n".join(proc.log_path.read_text(errors="replace").splitlines()[-lines:])
 
 
 @contextmanager

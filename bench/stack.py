@@ -97,6 +97,26 @@ class Process:
     def alive(self) -> bool:
         return self.popen.poll() is None
 
+    def tail(self, lines: int = 30) -> str:
+        """The last lines of the process's log."""
+        if not self.log_path.exists():
+            return ""
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def wait_until_healthy(proc: Process, base_url: str, *, what: str, timeout: float) -> None:
+    """Poll `base_url`/health until it answers 200; fail at once if `proc` exits first."""
+
+    def healthy() -> bool:
+        if not proc.alive():
+            raise RuntimeError(f"{what} exited early:\n{proc.tail()}")
+        try:
+            return httpx.get(f"{base_url}/health", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_until(healthy, timeout=timeout, message=f"{what} did not answer /health")
+
 
 @dataclass
 class Stack:
@@ -145,16 +165,7 @@ class Stack:
         if self.api_processes:
             cmd += ["--processes", str(self.api_processes)]
         proc = self._spawn("api", cmd)
-
-        def healthy() -> bool:
-            if not proc.alive():
-                raise RuntimeError(f"the API exited early:\n{self.tail(proc)}")
-            try:
-                return httpx.get(f"{self.base_url}/health", timeout=1).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_until(healthy, timeout=timeout, message="the API did not answer /health")
+        wait_until_healthy(proc, self.base_url, what="the API", timeout=timeout)
         return proc
 
     def start_worker(self, *, name: str, concurrency: int, extra: tuple[str, ...] = ()) -> Process:
@@ -206,12 +217,6 @@ class Stack:
             except subprocess.TimeoutExpired:
                 proc.popen.kill()
                 proc.popen.wait(timeout=10)
-
-    def tail(self, proc: Process, lines: int = 30) -> str:
-        """The last lines of a process's log."""
-        if not proc.log_path.exists():
-            return ""
-        return "\n".join(proc.log_path.read_text(errors="replace").splitlines()[-lines:])
 
 
 @contextmanager

@@ -717,7 +717,7 @@ class Suite:
         while True:
             for i, proc in enumerate(procs):
                 if not proc.alive():
-                    raise RuntimeError(f"worker {proc.label} exited:\n{stack.tail(proc)}")
+                    raise RuntimeError(f"worker {proc.label} exited:\n{proc.tail()}")
                 peaks[i] = max(peaks[i], rss_kib(proc.pid) or 0)
             if tick % 3 == 0:
                 counts = Job.objects.aggregate(
@@ -779,7 +779,7 @@ class Suite:
             tick = 0
             while True:
                 if not proc.alive():
-                    raise RuntimeError(f"seed worker exited:\n{seed_node.tail(proc)}")
+                    raise RuntimeError(f"seed worker exited:\n{proc.tail()}")
                 peak = max(peak, rss_kib(proc.pid) or 0)
                 if tick % 5 == 0:
                     counts = node.counts()
