@@ -364,6 +364,13 @@ class Suite:
             **kwargs,
         )
 
+    def _warm_up(self, url: str, where: str, request: dict[str, Any]) -> wrk.WrkResult:
+        """The untimed wrk run before a measured one, at the measured connection count."""
+        s = self.sizes
+        return self._wrk(
+            url, where, "warmup", connections=s.clients, seconds=s.http_warmup_s, **request
+        )
+
     def _post_job_request(self, *, seed_side: bool) -> dict[str, Any]:
         """wrk's request for POST /jobs: ours authenticates with the key, the seed takes the
         tenant in the body."""
@@ -448,9 +455,7 @@ class Suite:
         with self.stack(where) as stack:
             stack.start_api()
             url = f"{stack.base_url}/jobs"
-            warm = self._wrk(
-                url, where, "warmup", connections=s.clients, seconds=s.http_warmup_s, **request
-            )
+            warm = self._warm_up(url, where, request)
             timed = self._wrk(
                 url, where, "post-jobs", connections=s.clients, seconds=s.http_seconds, **request
             )
@@ -467,9 +472,7 @@ class Suite:
         with self.seed_run(where) as node:
             node.start_backend()
             url = f"{node.base_url}/jobs"
-            warm = self._wrk(
-                url, where, "warmup", connections=s.clients, seconds=s.http_warmup_s, **request
-            )
+            warm = self._warm_up(url, where, request)
             timed = self._wrk(
                 url, where, "post-jobs", connections=s.clients, seconds=s.http_seconds, **request
             )
@@ -525,9 +528,7 @@ class Suite:
                 "paths": [f"/jobs/{job_id}" for job_id in ids],
             }
             url = f"{stack.base_url}/jobs/{ids[0]}"
-            warm = self._wrk(
-                url, where, "warmup", connections=s.clients, seconds=s.http_warmup_s, **request
-            )
+            warm = self._warm_up(url, where, request)
             timed = self._wrk(
                 url, where, "get-job", connections=s.clients, seconds=s.http_seconds, **request
             )
@@ -559,9 +560,7 @@ class Suite:
 
     def _load_levels(self, url: str, where: str, request: dict[str, Any]) -> dict[str, Any]:
         s = self.sizes
-        warm = self._wrk(
-            url, where, "warmup", connections=s.clients, seconds=s.http_warmup_s, **request
-        )
+        warm = self._warm_up(url, where, request)
         levels: dict[str, Any] = {}
         for connections in s.load_connections:
             result = self._wrk(
