@@ -3,9 +3,9 @@
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
+import sys
 from typing import Any
 
 import psycopg
@@ -18,10 +18,11 @@ from ninja import NinjaAPI
 from ninja.errors import AuthenticationError, HttpError, ValidationError
 from ninja.parser import Parser
 from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic.alias_generators import to_camel
 
 from jobs.api import router as jobs_router
 from jobs.errors import ApiError
-from jobs.metrics import render_metrics
+from jobs.metrics import metrics_authorized, metrics_exposed, render_metrics
 from jobs.orm import orm
 from jobs.pg import DatabaseUnavailable
 from jobs.queue import sync_client
@@ -51,6 +52,16 @@ def _check_depth(value: Any, limit: int) -> None:
             stack.extend((v, depth + 1) for v in item)
 
 
+def _parse_error(exc: Exception) -> str:
+    """What was wrong with a body that is not JSON, without Python's advice to programmers."""
+    if isinstance(exc, RecursionError):
+        return "JSON nested too deeply"
+    message = str(exc)
+    if "integer string conversion" in message:
+        return f"a number has more than {sys.get_int_max_str_digits()} digits"
+    return message[:200]
+
+
 class StrictJSONParser(Parser):
     """JSON bodies only; no NaN/Infinity, bounded nesting, clear errors."""
 
@@ -60,7 +71,7 @@ class StrictJSONParser(Parser):
         try:
             data = json.loads(request.body, parse_constant=_reject_constant)
         except (ValueError, RecursionError) as exc:
-            raise ApiError(400, "Malformed JSON", str(exc)[:200]) from exc
+            raise ApiError(400, "Malformed JSON", _parse_error(exc)) from exc
         _check_depth(data, MAX_JSON_DEPTH)
         return data
 
@@ -105,7 +116,11 @@ def on_validation_error(request: HttpRequest, exc: ValidationError) -> HttpRespo
         loc = list(err.get("loc", ()))
         # ninja prefixes the source ("body", "query", "path") and the parameter's name.
         if loc and loc[0] in ("body", "query", "path", "header"):
-            loc = loc[2:] if loc[0] == "body" and len(loc) > 1 else loc[1:]
+            source = loc[0]
+            loc = loc[2:] if source == "body" and len(loc) > 1 else loc[1:]
+            if source in ("query", "path") and loc:
+                # Python's parameter name (`job_id`), as the API spells it (`jobId`).
+                loc = [to_camel(str(loc[0])), *loc[1:]]
         errors.append({**err, "loc": loc})
     return error_response(request, 400, VALIDATION_FAILED, error_details(errors))
 
@@ -158,14 +173,28 @@ async def health(request: HttpRequest) -> dict:
     return {"status": "ok", "timestamp": timezone.now()}
 
 
-@api.get("/metrics", tags=["service"], include_in_schema=True)
+@api.get(
+    "/metrics",
+    tags=["service"],
+    include_in_schema=True,
+    openapi_extra={
+        "responses": {
+            200: {
+                "description": "Prometheus text exposition",
+                "content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}},
+            },
+            401: {"description": "JOBS_METRICS_TOKEN is set and was not sent"},
+            404: {"description": "JOBS_METRICS_TOKEN is not set (and DEBUG is off)"},
+        }
+    },
+)
 async def metrics(request: HttpRequest) -> HttpResponse:
-    """Prometheus text exposition. With JOBS_METRICS_TOKEN set, it needs that Bearer token."""
-    token = settings.JOBS["METRICS_TOKEN"]
-    if token:
-        given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-        if not hmac.compare_digest(given.encode(), token.encode()):
-            return error_response(request, 401, "Missing or invalid metrics token")
+    """Prometheus text exposition, with `Authorization: Bearer <JOBS_METRICS_TOKEN>`. Without
+    that setting it is not served (404) unless DEBUG is on."""
+    if not metrics_exposed():
+        return error_response(request, 404, "Not found")
+    if not metrics_authorized(request.headers.get("Authorization", "")):
+        return error_response(request, 401, "Missing or invalid metrics token")
     body = await orm(render_metrics)()
     return HttpResponse(body, content_type=CONTENT_TYPE_LATEST)
 

@@ -13,6 +13,10 @@ asgiref waits for the request's thread before the instance ends), or when the gr
 over. A second signal stops at once. If a thread still outlives the reactor, the process exits
 without it after `EXIT_WATCHDOG_S` instead of hanging.
 
+Responses carry no `Server` header (Daphne would name itself on each).
+
+A WebSocket close sent with a `reason` carries it to the client (Daphne alone drops it).
+
 WebSocket applications are also offered a way to send one message to many sockets cheaply (the
 `jobqueue.prepared_frames` ASGI extension, below).
 
@@ -34,6 +38,7 @@ from types import FrameType
 from typing import Any
 
 from autobahn.websocket.protocol import PreparedMessage
+from daphne.access import AccessLogGenerator
 from daphne.cli import CommandLineInterface
 from daphne.endpoints import build_endpoint_description_strings
 from daphne.http_protocol import WebRequest
@@ -41,6 +46,7 @@ from daphne.server import Server
 from daphne.ws_protocol import WebSocketProtocol
 from twisted.internet import reactor, tcp
 
+from config.logging import AccessLog
 from config.memory import freeze_startup_objects
 from realtime.hub import PREPARED_FRAMES
 
@@ -52,6 +58,8 @@ DRAIN_TICK_S = 0.1
 # thread outlived the grace period and waits for the stopped loop: exit without it.
 EXIT_WATCHDOG_S = 2.0
 GOING_AWAY = 1001
+# RFC 6455: a close frame's payload is at most 125 bytes, two of them the code.
+MAX_CLOSE_REASON_BYTES = 123
 
 
 class GracefulServer(Server):
@@ -62,6 +70,13 @@ class GracefulServer(Server):
     ) -> None:
         # Twisted's handlers would stop the reactor at once; ours are installed in run().
         super().__init__(*args, signal_handlers=False, **kwargs)
+        if (
+            isinstance(self.action_logger, AccessLogGenerator)
+            and self.action_logger.stream is sys.stdout
+        ):
+            # Daphne writes its access log to stdout in its own format: go through logging,
+            # in LOG_FORMAT like every other line (one JSON object per line under json).
+            self.action_logger = AccessLog()
         self.grace_s = grace_s
         self.listen_fd = listen_fd
         if listen_fd is not None:
@@ -121,6 +136,23 @@ class GracefulServer(Server):
                 "send": functools.partial(self._send_prepared, protocol),
             }
         return super().create_application(protocol, scope)
+
+    async def handle_reply(self, protocol: Any, message: dict[str, Any]) -> None:
+        # Daphne drops a close's `reason` (ASGI lets applications give one, RFC 6455 carries up
+        # to 123 bytes of it and clients show it): send it.
+        reason = message.get("reason") if message.get("type") == "websocket.close" else None
+        details = self.connections.get(protocol)
+        if (
+            reason
+            and isinstance(protocol, WebSocketProtocol)
+            and protocol.state == protocol.STATE_OPEN
+            and details is not None
+            and not details.get("disconnected")
+        ):
+            truncated = reason.encode("utf-8")[:MAX_CLOSE_REASON_BYTES].decode("utf-8", "ignore")
+            protocol.sendClose(code=message.get("code") or 1000, reason=truncated)
+            return
+        await super().handle_reply(protocol, message)
 
     def _prepare_text(self, text: str) -> PreparedMessage:
         """A text message framed once, to be sent on many sockets (autobahn's broadcast)."""
@@ -266,6 +298,9 @@ class GracefulCommandLineInterface(CommandLineInterface):
             default=30.0,
             help="seconds open requests get to finish after SIGTERM/SIGINT (default 30)",
         )
+        # An empty name: no `Server` header at all (Daphne's default, "daphne", names the
+        # software on every HTTP response and WebSocket handshake). `--server-name` still works.
+        self.parser.set_defaults(server_name="")
 
     def run(self, args: list[str]) -> None:
         options = self.parser.parse_args(args)

@@ -40,6 +40,7 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 # /openapi.json stay with Django's handler (they need static files and are not hot).
 API_PATH_PREFIXES = ("/jobs", "/stats", "/health", "/ready", "/metrics")
 API_URLCONF = "config.api_urls"
+PROBE_PATHS = frozenset({"/health", "/ready"})
 
 
 def is_api_path(path: str) -> bool:
@@ -83,10 +84,13 @@ class ApiHandler(ASGIHandler):
         await self.send_response(response, send)
 
     async def _respond(self, request: HttpRequest) -> HttpResponse:
-        try:
-            request.get_host()  # ALLOWED_HOSTS
-        except DisallowedHost:
-            return _json_error(400, "Invalid Host header")
+        # Probes (a container's health check, a load balancer) call by IP address, a Host that
+        # ALLOWED_HOSTS need not list; these two paths build no URL from it, so any is fine.
+        if request.path not in PROBE_PATHS:
+            try:
+                request.get_host()  # ALLOWED_HOSTS
+            except DisallowedHost:
+                return _json_error(400, "Invalid Host header")
         redirect = self.security.process_request(request)
         if redirect is not None:
             return redirect
@@ -99,7 +103,21 @@ class ApiHandler(ASGIHandler):
         request.urlconf = API_URLCONF
         set_urlconf(API_URLCONF)
         response = await self._middleware_chain(request)
+        if response.status_code == 405:
+            response = _method_not_allowed(response)
         return self.security.process_response(request, response)
+
+
+def _method_not_allowed(response: HttpResponse) -> HttpResponse:
+    """django-ninja answers a method a path does not take with Django's plain-text 405: say it
+    in the API's JSON, keeping the `Allow` header."""
+    allow = response.get("Allow", "")
+    allowed = [method.strip() for method in allow.split(",") if method.strip()]
+    json_response = JsonResponse(
+        {"error": "Method not allowed", "details": {"allowed": allowed}}, status=405
+    )
+    json_response["Allow"] = allow
+    return json_response
 
 
 def http_router(api: ASGIApp, django: ASGIApp) -> ASGIApp:

@@ -14,6 +14,7 @@ from typing import Any
 from django.core.exceptions import ImproperlyConfigured
 
 LOG_FORMATS = ("plain", "json")
+ACCESS_LOGGER = "config.access"
 # Attributes every LogRecord has (this Python's set, e.g. `taskName` from 3.12), plus the ones
 # formatting adds: anything else on a record came from `extra`.
 _RECORD_ATTRIBUTES = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {
@@ -71,6 +72,35 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(data, ensure_ascii=False, default=str)
 
 
+class AccessLog:
+    """Daphne's access log (its "action logger") through `logging`, in LOG_FORMAT like every
+    other line: `GET /jobs 201` on the `config.access` logger, with the client, status, size and
+    duration as fields. Daphne's own writes NCSA lines straight to stdout, the one thing a
+    LOG_FORMAT=json process printed that was not JSON."""
+
+    def __init__(self) -> None:
+        self.logger = logging.getLogger(ACCESS_LOGGER)
+
+    def __call__(self, protocol: str, action: str, details: dict[str, Any]) -> None:
+        if protocol == "http" and action == "complete":
+            self.logger.info(
+                "%s %s %s",
+                details["method"],
+                details["path"],
+                details["status"],
+                extra={
+                    "client": details["client"],
+                    "status": details["status"],
+                    "size": details["size"],
+                    "duration_ms": round(details["time_taken"] * 1000, 1),
+                },
+            )
+        elif protocol == "websocket":
+            self.logger.info(
+                "WS%s %s", action.upper(), details["path"], extra={"client": details["client"]}
+            )
+
+
 def logging_config(*, log_format: str, level: str) -> dict[str, Any]:
     """Django's LOGGING for `LOG_FORMAT` and `LOG_LEVEL`: everything to stderr."""
     if log_format not in LOG_FORMATS:
@@ -89,6 +119,11 @@ def logging_config(*, log_format: str, level: str) -> dict[str, Any]:
         },
         "root": {"handlers": ["console"], "level": level},
         "loggers": {
+            # Django's default configuration gives its `django` logger a handler of its own
+            # (unformatted, to stderr, when DEBUG is on) and the level INFO: every 4xx came out
+            # twice ("Bad Request: /jobs", then our line) and ignored LOG_LEVEL. No handler
+            # here: its records reach the root's, once, in LOG_FORMAT, at LOG_LEVEL.
+            "django": {"handlers": [], "level": "NOTSET", "propagate": True},
             "django.server": {"level": "WARNING"},
             "daphne": {"level": "WARNING"},
         },

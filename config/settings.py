@@ -8,8 +8,9 @@ from pathlib import Path
 
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
+from dotenv import load_dotenv
 
-from config.env import env_bool, env_int, env_list, env_str, parse_email_url
+from config.env import env_bool, env_float, env_int, env_list, env_str, parse_email_url
 from config.logging import logging_config
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -17,6 +18,11 @@ BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(env_str("JOBS_VAR_DIR", str(BASE_DIR / "var"))).resolve()
 
 TESTING = "pytest" in sys.modules
+if not TESTING:
+    # `make run` writes var/run.env (DEBUG=1, a generated SECRET_KEY, the Redis and database it
+    # runs on) so that the README's `manage.py` commands, typed in any shell, act on that service.
+    # The real environment always wins; the tests get theirs alone.
+    load_dotenv(VAR_DIR / "run.env", override=False)
 DEBUG = env_bool("DEBUG", False)
 
 SECRET_KEY = env_str("SECRET_KEY")
@@ -24,7 +30,10 @@ if not SECRET_KEY:
     if DEBUG or TESTING:
         SECRET_KEY = "insecure-development-only-key-not-for-production-use-0123456789"
     else:
-        raise ImproperlyConfigured("SECRET_KEY must be set when DEBUG is off")
+        raise ImproperlyConfigured(
+            "SECRET_KEY must be set when DEBUG is off (for development: DEBUG=1, or `make run`"
+            " once, which writes var/run.env)"
+        )
 
 ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", "localhost,127.0.0.1,[::1]")
 if DEBUG or TESTING:
@@ -49,6 +58,9 @@ MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
     # Serves the admin's, the API docs' and the dashboard's static files from this process.
     "whitenoise.middleware.WhiteNoiseMiddleware",
+    # Content-Security-Policy on every page this chain serves (the API's own paths take the
+    # lean handler, config/handlers.py, and need none: they answer JSON).
+    "config.csp.ContentSecurityPolicyMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -140,6 +152,22 @@ if HTTPS:
 CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS")
 SECURE_CONTENT_TYPE_NOSNIFF = True
 X_FRAME_OPTIONS = "DENY"
+# The admin, the dashboard and the API docs (Swagger UI, served from our own static files) have
+# no inline script or style, so the policy needs no 'unsafe-inline' and no nonce. connect-src
+# also gets this host's ws:// and wss:// origins (config/csp.py) for the dashboard's socket.
+CONTENT_SECURITY_POLICY = {
+    "DIRECTIVES": {
+        "default-src": ["'self'"],
+        "script-src": ["'self'"],
+        "style-src": ["'self'"],
+        "img-src": ["'self'", "data:"],
+        "connect-src": ["'self'"],
+        "object-src": ["'none'"],
+        "base-uri": ["'self'"],
+        "form-action": ["'self'"],
+        "frame-ancestors": ["'none'"],
+    },
+}
 DATA_UPLOAD_MAX_MEMORY_SIZE = env_int("JOBS_MAX_BODY_BYTES", 4 * 1024 * 1024, minimum=1024)
 
 # Password logins (the admin's) are throttled per client address and per user name
@@ -176,12 +204,26 @@ JOBS = {
     "MAX_PAYLOAD_BYTES": env_int("JOBS_MAX_PAYLOAD_BYTES", 262144, minimum=64),
     "SLEEP_MAX_MS": env_int("JOBS_SLEEP_MAX_MS", 600000, minimum=0),
     "TENANT_RATE_LIMIT": env_int("JOBS_TENANT_RATE_LIMIT", 0, minimum=0),
+    # Senders `email` jobs may use besides DEFAULT_FROM_EMAIL: addresses, `@domain` or `domain`
+    # entries (jobs/email_policy.py). Tenants put their own address in `replyTo`.
+    "EMAIL_ALLOWED_SENDERS": env_list("JOBS_EMAIL_ALLOWED_SENDERS"),
+    # Recipients (to) each tenant's email jobs may address per sliding hour; 0 is unlimited.
+    "EMAIL_RECIPIENTS_PER_HOUR": env_int("JOBS_EMAIL_RECIPIENTS_PER_HOUR", 1000, minimum=0),
+    # While other tenants have ready jobs, a tenant running ceil(share x the cluster's slots)
+    # jobs gets no more; alone it may take every free slot but RESERVE. 0 or 1: off.
+    "TENANT_FAIR_SHARE": env_float("JOBS_TENANT_FAIR_SHARE", 0.5, minimum=0, maximum=1),
+    "TENANT_FAIR_SHARE_RESERVE": env_int("JOBS_TENANT_FAIR_SHARE_RESERVE", 0, minimum=0),
     "METRICS_TOKEN": env_str("JOBS_METRICS_TOKEN"),
     # Failed password logins per client address or user name before logins are refused for
     # LOGIN_WINDOW_S; 0 turns the throttle off.
     "LOGIN_ATTEMPTS": env_int("JOBS_LOGIN_ATTEMPTS", 10, minimum=0),
     "LOGIN_WINDOW_S": env_int("JOBS_LOGIN_WINDOW_S", 900, minimum=1),
     "SINCE_REPLAY_LIMIT": 1000,
+    # Open WebSockets per API key and per tenant, over every API process (0: no cap), and rows
+    # a tenant's `since` replays may read per second (0: no budget).
+    "WS_MAX_PER_KEY": env_int("JOBS_WS_MAX_PER_KEY", 100, minimum=0),
+    "WS_MAX_PER_TENANT": env_int("JOBS_WS_MAX_PER_TENANT", 300, minimum=0),
+    "WS_REPLAY_ROWS_PER_S": env_int("JOBS_WS_REPLAY_ROWS_PER_S", 2000, minimum=0),
     # How the API's hot endpoints reach the database: "postgres" (psycopg's async pool on the
     # event loop, jobs/api_store.py) or "orm" (the ORM in a thread: SQLite, and unit tests, whose
     # data lives in a transaction only Django's own connection sees).

@@ -4,9 +4,12 @@ dashboard under /dashboard/."""
 from __future__ import annotations
 
 from django.contrib import admin
-from django.urls import include, path
+from django.urls import include, path, reverse_lazy
 
 from config.api import api
+
+# The admin's "View site" link: the root has no page (it is the API's), the staff dashboard does.
+admin.site.site_url = reverse_lazy("dashboard:index")
 
 urlpatterns = [
     path("admin/", admin.site.urls),
@@ -14,5 +17,6 @@ urlpatterns = [
     path("", api.urls),
 ]
 
+handler400 = "config.views.bad_request"
 handler404 = "config.views.not_found"
 handler500 = "config.views.server_error"

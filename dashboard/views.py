@@ -9,6 +9,7 @@ from urllib.parse import urlencode
 from django.contrib import admin
 from django.contrib.admin.utils import quote
 from django.contrib.admin.views.decorators import staff_member_required
+from django.contrib.auth.decorators import permission_required
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import render
 from django.urls import reverse
@@ -22,7 +23,7 @@ from dashboard.selectors import (
     dashboard_stats,
 )
 from jobs.models import JobStatus, Tenant
-from realtime.auth import is_staff_user
+from realtime.auth import WATCH_PERMISSION, can_watch_jobs
 from realtime.broadcast import iso
 
 FEED_LIMIT = 200
@@ -102,6 +103,7 @@ def stats_payload(stats: DashboardStats) -> dict[str, Any]:
 @require_GET
 @never_cache
 @staff_member_required
+@permission_required(WATCH_PERMISSION, raise_exception=True)
 def index(request: HttpRequest) -> HttpResponse:
     """The live dashboard; `?tenant=` narrows every panel and the feed to one tenant."""
     context: dict[str, Any] = {
@@ -142,8 +144,11 @@ def index(request: HttpRequest) -> HttpResponse:
 def stats(request: HttpRequest) -> JsonResponse:
     """The dashboard's numbers as JSON; 403 (not a login redirect) without a staff session, so
     the polling page can tell the operator to log in again."""
-    if not is_staff_user(request.user):
-        return JsonResponse({"error": "Staff session required"}, status=403)
+    if not can_watch_jobs(request.user):
+        return JsonResponse(
+            {"error": f"Staff session with the {WATCH_PERMISSION} permission required"},
+            status=403,
+        )
     try:
         tenant = _selected_tenant(request)
     except UnknownTenant as exc:

@@ -77,7 +77,9 @@ ERRORS = {
 async def create_job(
     request: HttpRequest,
     data: JobIn,
-    idempotency_key: str | None = Header(None, alias="Idempotency-Key", max_length=255),
+    idempotency_key: str | None = Header(
+        None, alias="Idempotency-Key", min_length=1, max_length=255
+    ),
 ) -> HttpResponse:
     """Create one job. Repeating an `Idempotency-Key` returns the original job (200)."""
     tenant: Tenant = request.auth

@@ -14,6 +14,7 @@ import logging
 import time
 from dataclasses import dataclass
 
+import redis
 from django.conf import settings
 from django.db import transaction
 
@@ -26,6 +27,9 @@ from realtime.hub import Hub, auth_channel, running_hub
 logger = logging.getLogger(__name__)
 
 KEY_CACHE_TTL_S = 5.0
+# Announced instead of a tenant id when a user changes (staff status, permissions, password) or
+# logs out: open staff sockets are re-checked. Not a valid tenant id, so no key is affected.
+STAFF_CHANGED = "@staff"
 KEY_CACHE_MAX = 10_000
 
 
@@ -66,6 +70,8 @@ class KeyCache:
     def invalidate(self, tenant_id: str) -> None:
         """Forget a tenant's keys (every key if `tenant_id` is empty)."""
         self.epoch += 1
+        if tenant_id == STAFF_CHANGED:
+            return
         if not tenant_id:
             self.entries.clear()
             return
@@ -110,8 +116,17 @@ def announce_auth_change(tenant_id: str) -> None:
     def publish() -> None:
         try:
             sync_client().publish(auth_channel(settings.JOBS["REDIS_PREFIX"]), tenant_id)
+        except redis.RedisError as exc:
+            # The cache's TTL is the backstop when the announcement cannot be made. Redis down
+            # is an expected condition (a command run while `make run` is stopped): one line.
+            logger.warning(
+                "could not announce an auth change tenant=%s (Redis: %s); API processes notice "
+                "within %.0fs",
+                tenant_id,
+                exc,
+                KEY_CACHE_TTL_S,
+            )
         except Exception:
-            # The cache's TTL is the backstop when the announcement cannot be made.
             logger.exception("could not announce an auth change tenant=%s", tenant_id)
 
     transaction.on_commit(publish)

@@ -5,7 +5,6 @@ Keys (P is JOBS_REDIS_PREFIX), none of which expire (they are counters):
     P:metrics:events          HASH "{event}|{type}|{tenant}" -> count
     P:metrics:duration        HASH "{type}|{bucket}" -> count, "{type}|sum", "{type}|count"
     P:metrics:wait            HASH same layout, for the time from runAt to start
-    P:metrics:ws:{host}:{pid} STRING open WebSocket connections of one API process
 """
 
 from __future__ import annotations
@@ -23,7 +22,6 @@ from jobs.models import Job, JobStatus
 EVENTS = ("created", "completed", "failed", "retried", "cancelled")
 # Upper bounds (seconds) of the histogram buckets; the last bucket is +Inf.
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
-WS_KEY_TTL_S = 3600
 PROCESS_ID = f"{socket.gethostname()}:{os.getpid()}"
 
 OUTCOME_EVENTS = {
@@ -88,13 +86,3 @@ def record_starts(pipe: Any, prefix: str, jobs: Iterable[Job]) -> None:
             wait = (job.started_at - job.run_at).total_seconds()
             increments.observe(f"{prefix}:metrics:wait", job.type, wait)
     increments.flush(pipe)
-
-
-def websocket_delta(client: Any, prefix: str, delta: int) -> Any:
-    """Count an API process's open WebSocket connections (its key expires an hour after its
-    last change, so a crashed process stops counting)."""
-    pipe = client.pipeline(transaction=False)
-    key = f"{prefix}:metrics:ws:{PROCESS_ID}"
-    pipe.incrby(key, delta)
-    pipe.expire(key, WS_KEY_TTL_S)
-    return pipe.execute()

@@ -8,6 +8,7 @@ from datetime import timedelta
 
 from django.utils import timezone
 
+from jobs.counts import job_counts_fold
 from jobs.models import TERMINAL_STATUSES, Job
 
 logger = logging.getLogger(__name__)
@@ -51,4 +52,5 @@ def jobs_prune(*, older_than: timedelta, batch_size: int, dry_run: bool) -> int:
         if len(ids) < batch_size:
             break
     logger.info("pruned %d finished jobs with finished_at before %s", deleted, cutoff.isoformat())
+    job_counts_fold()
     return deleted

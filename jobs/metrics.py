@@ -1,14 +1,20 @@
-"""Prometheus metrics, computed at scrape time from the database and Redis (the sources of
-truth), so every API process reports the same numbers whichever worker did the work."""
+"""Prometheus metrics, read at scrape time from counts kept as jobs change (jobs/counts.py in the
+database, jobs/events.py in Redis), so every API process reports the same numbers whichever
+worker did the work, and a scrape costs the same with ten jobs or ten million.
+
+Who may read them: with JOBS_METRICS_TOKEN set, whoever sends it as a Bearer token; without it,
+nobody unless DEBUG is on (the series name tenants and their volumes): /metrics answers 404 as
+for any unknown path, and `manage.py serve` says at start-up how to turn it on."""
 
 from __future__ import annotations
 
+import hmac
+import logging
 import time
 from collections.abc import Iterator
 
 import redis
 from django.conf import settings
-from django.db.models import Count
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -19,8 +25,35 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from jobs import events
-from jobs.models import Job
+from jobs.counts import job_counts
 from jobs.queue import sync_queue
+
+logger = logging.getLogger(__name__)
+
+HIDDEN_NOTICE = (
+    "/metrics answers 404: set JOBS_METRICS_TOKEN and scrape with "
+    "'Authorization: Bearer <token>' to enable it"
+)
+
+
+def metrics_exposed() -> bool:
+    """Whether /metrics is served at all: with a token, or open in development (DEBUG)."""
+    return bool(settings.JOBS["METRICS_TOKEN"]) or settings.DEBUG
+
+
+def metrics_authorized(authorization: str) -> bool:
+    """Whether an `Authorization` header value may read /metrics (call when it is exposed)."""
+    token: str = settings.JOBS["METRICS_TOKEN"]
+    if not token:
+        return True
+    given = authorization.removeprefix("Bearer ").strip()
+    return hmac.compare_digest(given.encode(), token.encode())
+
+
+def log_metrics_access() -> None:
+    """Say once, at API start-up, when /metrics is hidden and how to enable it."""
+    if not metrics_exposed():
+        logger.warning(HIDDEN_NOTICE)
 
 
 class JobQueueCollector(Collector):
@@ -30,8 +63,8 @@ class JobQueueCollector(Collector):
         jobs = GaugeMetricFamily(
             "jobqueue_jobs", "Jobs in the database by status and type", labels=["status", "type"]
         )
-        for row in Job.objects.values("status", "type").annotate(n=Count("id")).order_by():
-            jobs.add_metric([row["status"], row["type"]], row["n"])
+        for (status, job_type), n in sorted(job_counts().items()):
+            jobs.add_metric([status, job_type], n)
         yield jobs
 
         queue = sync_queue()
@@ -93,9 +126,10 @@ class JobQueueCollector(Collector):
         yield _histogram(
             "jobqueue_job_queue_wait_seconds", "Time from due to start, by type", waits
         )
-        ws = 0
-        for key in client.scan_iter(match=f"{prefix}:metrics:ws:*", count=1000):
-            ws += int(client.get(key) or 0)
+        # Counted by each API process and summed over the live ones (realtime/limits.py).
+        from realtime.limits import open_connections_sync
+
+        ws = open_connections_sync(client, prefix)
         yield GaugeMetricFamily(
             "jobqueue_websocket_connections", "Open WebSocket connections (all API processes)", ws
         )

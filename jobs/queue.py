@@ -11,6 +11,8 @@ Key layout (P is `JOBS_REDIS_PREFIX`), documented in docs/architecture.md:
     P:running             HASH  tenant -> jobs claimed and not yet released (all workers)
     P:limits              HASH  tenant -> concurrency limit (absent: unlimited)
     P:workers             ZSET  worker name -> last heartbeat (ms)
+    P:slots               HASH  worker name -> its concurrency (the cluster's slots: their sum)
+    P:slots:total         STRING the sum, cached by the claim script for one second
     P:wake                LIST  wake-up tokens for idle workers (BLPOP)
     P:cancel              pub/sub channel: ids of RUNNING jobs to cancel
     P:lock:{name}         STRING short-lived locks (reconciliation)
@@ -23,6 +25,7 @@ Every method returns what the redis client returns: a value for `redis.Redis`, a
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
@@ -91,6 +94,8 @@ class Queue:
     def __init__(self, client: redis.Redis | aioredis.Redis, prefix: str | None = None) -> None:
         self.client = client
         self.prefix = prefix or settings.JOBS["REDIS_PREFIX"]
+        self.fair_share: float = settings.JOBS["TENANT_FAIR_SHARE"]
+        self.fair_share_reserve: int = settings.JOBS["TENANT_FAIR_SHARE_RESERVE"]
         self._enqueue = client.register_script(_lua("enqueue"))
         self._claim = client.register_script(_lua("claim"))
         self._release = client.register_script(_lua("release"))
@@ -113,6 +118,10 @@ class Queue:
     @property
     def workers_key(self) -> str:
         return self.key("workers")
+
+    @property
+    def slots_key(self) -> str:
+        return self.key("slots")
 
     # --- producers ----------------------------------------------------------------------------
     def enqueue(
@@ -164,9 +173,29 @@ class Queue:
         return pipe.execute()
 
     # --- workers ------------------------------------------------------------------------------
+    def beat(self, *, worker: str, slots: int) -> Any:
+        """Mark a worker alive now with its concurrency (its part of the cluster's slots, which
+        fair shares are taken of), and keep its claims from expiring: one round trip."""
+        pipe = self.client.pipeline(transaction=True)
+        pipe.zadd(self.workers_key, {worker: int(time.time() * 1000)})
+        pipe.hset(self.slots_key, worker, slots)
+        pipe.expire(self.key("processing", worker), 86400)
+        return pipe.execute()
+
     def claim(self, *, worker: str, count: int) -> Any:
-        """Take up to `count` ids, one tenant per turn round robin; due delayed jobs first move."""
-        return self._claim(keys=[], args=[self.prefix, worker, count, WAKE_TOKENS_MAX])
+        """Take up to `count` ids, one tenant per turn round robin, a tenant over its fair share
+        only when no other tenant yields a job; due delayed jobs first move."""
+        return self._claim(
+            keys=[],
+            args=[
+                self.prefix,
+                worker,
+                count,
+                WAKE_TOKENS_MAX,
+                self.fair_share,
+                self.fair_share_reserve,
+            ],
+        )
 
     def release(self, *, worker: str, job_ids: Iterable[str]) -> Any:
         """Forget ids a worker has finished with (or failed to claim in the database)."""

@@ -21,6 +21,7 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from jobs import api_store, events
+from jobs.email_budget import acheck_recipient_budget, check_recipient_budget
 from jobs.errors import ApiError, Conflict, NotFound
 from jobs.models import ApiKey, Job, JobStatus, Tenant
 from jobs.orm import orm
@@ -235,12 +236,14 @@ def job_enqueue(
 ) -> tuple[Job, bool]:
     """Create a job; returns (job, created). A repeated idempotency key returns the original
     job (created=False) if the request is the same, else raises 409. With `rate_limited`, a
-    creation (not a replay) takes a token of the tenant's rate limit first (429)."""
+    creation (not a replay) takes a token of the tenant's rate limit and its email recipients
+    from the tenant's hourly budget first (429)."""
     now = timezone.now()
     job = _new_job(tenant=tenant, spec=spec, now=now, idempotency_key=idempotency_key)
     if idempotency_key is None:
         if rate_limited:
             check_rate_limit(tenant=tenant, jobs=1)
+            check_recipient_budget(tenant=tenant, jobs=[spec])
         with transaction.atomic():
             job.save(force_insert=True)
             _after_commit([job], push=True, event="created")
@@ -258,6 +261,7 @@ def job_enqueue(
             )
         if rate_limited and attempt == 0:
             check_rate_limit(tenant=tenant, jobs=1)
+            check_recipient_budget(tenant=tenant, jobs=[spec])
         try:
             with transaction.atomic():
                 job.save(force_insert=True)
@@ -281,6 +285,7 @@ async def ajob_enqueue(
     job = _new_job(tenant=tenant, spec=spec, now=now, idempotency_key=idempotency_key)
     if idempotency_key is None:
         await acheck_rate_limit(tenant=tenant, jobs=1)
+        await acheck_recipient_budget(tenant=tenant, jobs=[spec])
         await api_store.insert_job(job)
         await aannounce([job], push=True, event="created")
         return job, True
@@ -295,6 +300,7 @@ async def ajob_enqueue(
         if attempt == 0:
             # A replay spends no token; a creation does.
             await acheck_rate_limit(tenant=tenant, jobs=1)
+            await acheck_recipient_budget(tenant=tenant, jobs=[spec])
         if await api_store.insert_idempotent(job):
             await aannounce([job], push=True, event="created")
             return job, True
@@ -318,6 +324,7 @@ def job_enqueue_batch(
     """Create many jobs in one transaction and push them in one Redis round trip."""
     if rate_limited:
         check_rate_limit(tenant=tenant, jobs=len(specs))
+        check_recipient_budget(tenant=tenant, jobs=specs)
     jobs = _new_batch(tenant=tenant, specs=specs)
     with transaction.atomic():
         Job.objects.bulk_create(jobs, batch_size=500)
@@ -330,6 +337,7 @@ async def ajob_enqueue_batch(*, tenant: Tenant, specs: Sequence[JobSpec]) -> lis
     if not api_store.enabled():
         return await orm(job_enqueue_batch)(tenant=tenant, specs=specs, rate_limited=True)
     await acheck_rate_limit(tenant=tenant, jobs=len(specs))
+    await acheck_recipient_budget(tenant=tenant, jobs=specs)
     jobs = _new_batch(tenant=tenant, specs=specs)
     await api_store.insert_jobs(jobs)
     await aannounce(jobs, push=True, event="created")
@@ -391,13 +399,16 @@ def job_cancel(*, tenant: Tenant, job_id: uuid.UUID, rate_limited: bool = False)
 def job_retry(*, tenant: Tenant, job_id: uuid.UUID, rate_limited: bool = False) -> Job:
     """Put a FAILED or CANCELLED job back to PENDING with its attempts reset. With
     `rate_limited`, it takes a token of the tenant's rate limit first (429): a retry runs the
-    job again (a webhook call, an email), so unlimited retries would bypass the limit."""
+    job again (a webhook call, an email), so unlimited retries would bypass the limit; an
+    email's recipients come out of the tenant's hourly budget again too."""
     if rate_limited:
         check_rate_limit(tenant=tenant, jobs=1)
     with transaction.atomic():
         job = _locked_job(tenant=tenant, job_id=job_id)
         if job.status not in (JobStatus.FAILED, JobStatus.CANCELLED):
             raise Conflict(f"a {job.status} job cannot be retried", {"status": job.status})
+        if rate_limited:
+            check_recipient_budget(tenant=tenant, jobs=[job])
         now = timezone.now()
         job.status = JobStatus.PENDING
         job.attempts = 0

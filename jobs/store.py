@@ -269,17 +269,24 @@ def _plan(items: list[tuple[Job, Outcome]]) -> list[tuple[Job, dict[str, Any]]]:
     return [(job, outcome_fields(job=job, outcome=outcome, now=now)) for job, outcome in items]
 
 
+# What a finished row says of its last progress: the worker's copy of the job may not have seen
+# the last report (written by the progress reporter), and the final frame must show it.
+Progress = tuple[int | None, str | None]
+
+
 def _written(
-    planned: list[tuple[Job, dict[str, Any]]], written_ids: set[uuid.UUID]
+    planned: list[tuple[Job, dict[str, Any]]], written: dict[uuid.UUID, Progress]
 ) -> list[Job | None]:
-    """The planned jobs with their new fields, None where the fenced write matched no row."""
+    """The planned jobs with their new fields and the row's progress, None where the fenced
+    write matched no row."""
     results: list[Job | None] = []
     for job, fields in planned:
-        if job.id not in written_ids:
+        if job.id not in written:
             results.append(None)
             continue
         for name, value in fields.items():
             setattr(job, name, value)
+        job.progress, job.progress_message = written[job.id]
         results.append(job)
     return results
 
@@ -293,10 +300,12 @@ def finish_jobs(*, items: list[tuple[Job, Outcome]]) -> list[Job | None]:
             sql, params = _finish_statement(planned)
             with connection.cursor() as cursor:
                 cursor.execute(sql, params)
-                written_ids = {row[0] for row in cursor.fetchall()}
+                written = {row[0]: (row[1], row[2]) for row in cursor.fetchall()}
         else:
-            written_ids = {job.id for job, fields in planned if _fenced(job).update(**fields)}
-    return _written(planned, written_ids)
+            ids = [job.id for job, fields in planned if _fenced(job).update(**fields)]
+            rows = Job.objects.filter(id__in=ids).values_list("id", "progress", "progress_message")
+            written = {row[0]: (row[1], row[2]) for row in rows}
+    return _written(planned, written)
 
 
 async def afinish_jobs(*, items: list[tuple[Job, Outcome]]) -> list[Job | None]:
@@ -305,8 +314,8 @@ async def afinish_jobs(*, items: list[tuple[Job, Outcome]]) -> list[Job | None]:
     sql, params = _finish_statement(planned)
     async with pg.connection() as conn:
         cursor = await conn.execute(sql, params)
-        written_ids = {row[0] for row in await cursor.fetchall()}
-    return _written(planned, written_ids)
+        written = {row[0]: (row[1], row[2]) for row in await cursor.fetchall()}
+    return _written(planned, written)
 
 
 def _finish_statement(planned: list[tuple[Job, dict[str, Any]]]) -> tuple[str, list[Any]]:
@@ -339,7 +348,7 @@ def _finish_statement(planned: list[tuple[Job, dict[str, Any]]]) -> tuple[str, l
         FROM (VALUES {rows}) AS v(id, token, status, result, error, finished_at, run_at,
                                   updated_at)
         WHERE j.id = v.id AND j.lease_token = v.token AND j.status = 'RUNNING'
-        RETURNING j.id
+        RETURNING j.id, j.progress, j.progress_message
     """
     return sql, params
 

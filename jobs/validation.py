@@ -12,11 +12,32 @@ from pydantic import ValidationError
 
 from jobs.errors import ApiError
 from jobs.handlers import registered_types, validate_payload
+from jobs.handlers.email import EmailPayload, allowed_sender
 from jobs.models import Tenant
 from jobs.schemas import JobIn
 from jobs.services import JobSpec
 
 VALIDATION_FAILED = "Validation failed"
+SENDER_NOT_ALLOWED = (
+    "sender not allowed: use DEFAULT_FROM_EMAIL or an address JOBS_EMAIL_ALLOWED_SENDERS "
+    "allows, and put your own address in replyTo"
+)
+
+
+# Pydantic's wording where it speaks of its internals rather than of the request.
+_MESSAGES_BY_TYPE = {
+    "uuid_parsing": "must be a UUID",
+    "uuid_type": "must be a UUID",
+}
+_MESSAGE_PREFIXES = ("Value error, ", "Assertion failed, ")
+
+
+def error_message(err: dict[str, Any]) -> str:
+    """The message of one pydantic error, as a client should read it."""
+    message = _MESSAGES_BY_TYPE.get(err.get("type", ""), err.get("msg", "invalid"))
+    for prefix in _MESSAGE_PREFIXES:
+        message = message.removeprefix(prefix)
+    return message
 
 
 def error_details(errors: list[dict[str, Any]], *, prefix: tuple[Any, ...] = ()) -> list[dict]:
@@ -25,7 +46,7 @@ def error_details(errors: list[dict[str, Any]], *, prefix: tuple[Any, ...] = ())
     for err in errors:
         loc = [*prefix, *err.get("loc", ())]
         details.append(
-            {"field": ".".join(str(part) for part in loc), "message": err.get("msg", "invalid")}
+            {"field": ".".join(str(part) for part in loc), "message": error_message(err)}
         )
     return details
 
@@ -34,6 +55,14 @@ def check_tenant(tenant: Tenant, tenant_id: str | None) -> None:
     """A tenantId in a request is optional, but must be the key's tenant."""
     if tenant_id is not None and tenant_id != tenant.id:
         raise ApiError(403, "tenantId does not match the API key's tenant")
+
+
+def check_email_sender(payload: EmailPayload, *, loc: tuple[Any, ...] = ()) -> None:
+    """An email's `from` must be an allowed sender (a setting, so not the schema's to check:
+    the worker validates stored payloads with the schema, and sends those from the default)."""
+    if payload.from_address is not None and not allowed_sender(payload.from_address):
+        field = ".".join(str(p) for p in (*loc, "payload", "from"))
+        raise ApiError(400, VALIDATION_FAILED, [{"field": field, "message": SENDER_NOT_ALLOWED}])
 
 
 def job_spec(job: JobIn, *, loc: tuple[Any, ...] = ()) -> JobSpec:
@@ -57,13 +86,15 @@ def job_spec(job: JobIn, *, loc: tuple[Any, ...] = ()) -> JobSpec:
             {"maxBytes": settings.JOBS["MAX_PAYLOAD_BYTES"], "bytes": size, "at": list(loc)},
         )
     try:
-        validate_payload(job.type, job.payload)
+        payload = validate_payload(job.type, job.payload)
     except ValidationError as exc:
         raise ApiError(
             400,
             VALIDATION_FAILED,
             error_details(exc.errors(), prefix=(*loc, "payload")),
         ) from exc
+    if isinstance(payload, EmailPayload):
+        check_email_sender(payload, loc=loc)
     run_at = job.run_at
     if job.delay_ms is not None:
         run_at = timezone.now() + timedelta(milliseconds=job.delay_ms)

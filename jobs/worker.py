@@ -560,8 +560,8 @@ class Worker:
 
     # --- background coroutines ----------------------------------------------------------------
     async def _beat_redis(self) -> None:
-        await self.redis.zadd(self.queue.workers_key, {self.name: int(time.time() * 1000)})
-        await self.redis.expire(self.queue.key("processing", self.name), 86400)
+        # The concurrency goes with the heartbeat: fair shares are fractions of the live slots.
+        await self.queue.beat(worker=self.name, slots=self.options.concurrency)
 
     async def _update_heartbeat(self) -> None:
         await self._beat_redis()

@@ -1,21 +1,27 @@
 """WebSocket authentication: an API key (`?token=` or `Authorization: Bearer`) or a staff session.
 
-The middleware fills `scope["tenant"]` (the key's Tenant, or None) and `scope["user"]` (a staff
-user, or AnonymousUser) and refuses the handshake when neither identity is valid.
+The middleware fills `scope["tenant"]` (the key's Tenant, or None), `scope["staff"]` and
+`scope["user"]` (a staff user who may view jobs, or AnonymousUser) and refuses the handshake when
+neither identity is valid. A staff socket needs the `jobs.view_job` permission (what the admin
+asks to list jobs), not just `is_staff`, and is re-checked while it stays open
+(`staff_session_user`): logging out, losing the permission or staff status closes it.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
+from importlib import import_module
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
 from channels.auth import AuthMiddlewareStack
 from channels.middleware import BaseMiddleware
 from django.conf import settings
+from django.contrib.auth import BACKEND_SESSION_KEY, HASH_SESSION_KEY, SESSION_KEY, load_backend
 from django.contrib.auth.models import AnonymousUser
 from django.http.request import split_domain_port, validate_host
+from django.utils.crypto import constant_time_compare
 
 from jobs.orm import orm
 from jobs.services import api_key_authenticate
@@ -27,6 +33,7 @@ Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
+WATCH_PERMISSION = "jobs.view_job"
 # Django's own fallback when DEBUG is on and ALLOWED_HOSTS is empty.
 DEBUG_ALLOWED_HOSTS = [".localhost", "127.0.0.1", "[::1]"]
 
@@ -56,13 +63,43 @@ def api_key_from_scope(scope: Scope) -> str | None:
 
 
 def is_staff_user(user: Any) -> bool:
-    """True for an authenticated, active staff user (the dashboard's identity)."""
+    """True for an authenticated, active staff user."""
     return bool(
         user is not None
         and getattr(user, "is_authenticated", False)
         and getattr(user, "is_active", False)
         and getattr(user, "is_staff", False)
     )
+
+
+def can_watch_jobs(user: Any) -> bool:
+    """True for an active staff user who may view jobs (`jobs.view_job`, as in the admin): the
+    identity of the dashboard and of a staff socket, which see every tenant. Reads the database
+    (permissions) the first time it is asked for a user object."""
+    return is_staff_user(user) and user.has_perm(WATCH_PERMISSION)
+
+
+def staff_session_user(session_key: str | None, user_pk: Any) -> Any | None:
+    """The user of session `session_key` if it is still logged in as `user_pk` (not logged out,
+    expired, or invalidated by a password change) and may still watch jobs; else None."""
+    if not session_key:
+        return None
+    session = import_module(settings.SESSION_ENGINE).SessionStore(session_key)
+    try:
+        user_id = session[SESSION_KEY]
+        backend_path = session[BACKEND_SESSION_KEY]
+        session_hash = session[HASH_SESSION_KEY]
+    except KeyError:
+        return None
+    if str(user_id) != str(user_pk) or backend_path not in settings.AUTHENTICATION_BACKENDS:
+        return None
+    user = load_backend(backend_path).get_user(user_id)
+    if user is None or not hasattr(user, "get_session_auth_hash"):
+        return None
+    hashes = [user.get_session_auth_hash(), *user.get_session_auth_fallback_hash()]
+    if not any(constant_time_compare(session_hash, h) for h in hashes):
+        return None
+    return user if can_watch_jobs(user) else None
 
 
 def _request_scheme(scope: Scope) -> str:
@@ -151,6 +188,14 @@ class TenantOrStaffAuthMiddleware(BaseMiddleware):
 
         user = scope.get("user")
         staff = is_staff_user(user)
+        if staff and not await orm(can_watch_jobs)(user):
+            logger.warning(
+                "websocket: staff session ignored, no %s permission user=%s client=%s",
+                WATCH_PERMISSION,
+                getattr(user, "pk", None),
+                client,
+            )
+            staff = False
         if staff and not origin_allowed(scope):
             logger.warning(
                 "websocket: staff session ignored, Origin %r not allowed user=%s client=%s",
@@ -167,6 +212,7 @@ class TenantOrStaffAuthMiddleware(BaseMiddleware):
             logger.info("websocket refused: no valid credentials client=%s", client)
             return await deny_connection(scope, receive, send)
         scope["tenant"] = tenant
+        scope["staff"] = staff
         # Kept so the consumer can re-check it while the socket stays open (revocation).
         scope["api_key"] = raw_key if tenant is not None else None
         return await self.inner(scope, receive, send)

@@ -30,22 +30,21 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from asgiref.sync import sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.conf import settings
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
-from jobs import events
-from jobs.auth import aauthenticate
+from jobs.auth import STAFF_CHANGED, aauthenticate
 from jobs.models import TENANT_ID_PATTERN, Tenant
 from jobs.orm import orm
-from jobs.queue import sync_client
 from jobs.schemas import in_time_range
 from jobs.selectors import job_updated_since
-from realtime.auth import is_staff_user
+from jobs.services import hash_api_key
+from realtime.auth import staff_session_user
 from realtime.broadcast import iso, job_update_message
 from realtime.hub import PREPARED_FRAMES, Frame, Hub, get_hub
+from realtime.limits import Presence, socket_fields, take_replay_rows
 
 logger = logging.getLogger(__name__)
 
@@ -53,8 +52,13 @@ logger = logging.getLogger(__name__)
 CLOSE_POLICY_VIOLATION = 4008
 CLOSE_MESSAGE_TOO_BIG = 4009
 CLOSE_CREDENTIALS_REVOKED = 4001
+CLOSE_TOO_MANY_CONNECTIONS = 4029
 UPDATES_DROPPED = "updates dropped, resubscribe with since"
 REPLAY_TRUNCATED = "replay truncated, resubscribe with since"
+REPLAY_BUDGET_SPENT = "replay budget of this tenant spent, resubscribe with since later"
+# How often an open staff socket's session and permission are checked again (besides at once
+# when a user changes or logs out): the same bound as for API keys (jobs/auth.py).
+STAFF_RECHECK_S = 5.0
 # Live frames a socket may hold while its replay is sent; beyond that they are dropped and the
 # client is told to catch up.
 LIVE_BUFFER_MAX = 5000
@@ -113,40 +117,50 @@ def _parse_time(value: Any) -> datetime | None:
     return parsed
 
 
-async def _count_connection(delta: int) -> bool:
-    """Keep the open-connections gauge of /metrics (jobs/events.py); never fails a socket."""
-    try:
-        await sync_to_async(events.websocket_delta, thread_sensitive=False)(
-            sync_client(), settings.JOBS["REDIS_PREFIX"], delta
-        )
-    except Exception as exc:
-        logger.warning("websocket connection not counted: %s", exc)
-        return False
-    return True
-
-
-class KeySockets:
-    """The open sockets of one process that authenticated with an API key, by tenant, so that a
-    change to a tenant's keys (announced on the hub) re-checks just those sockets."""
+class CheckedSockets:
+    """The open sockets of one process whose credentials are re-checked while they stay open:
+    API-key sockets by tenant, re-checked when that tenant's keys change (announced on the hub),
+    and staff sockets, re-checked when a user changes or logs out (announced as STAFF_CHANGED)
+    and every STAFF_RECHECK_S (a session can also end by expiring or being deleted)."""
 
     def __init__(self, hub: Hub) -> None:
         self.by_tenant: dict[str, set[JobUpdatesConsumer]] = {}
+        self.staff: set[JobUpdatesConsumer] = set()
+        self._sweeper: asyncio.Task[None] | None = None
         hub.on_auth_change(self.changed)
 
-    def add(self, consumer: JobUpdatesConsumer, tenant_id: str) -> None:
-        self.by_tenant.setdefault(tenant_id, set()).add(consumer)
+    def add(self, consumer: JobUpdatesConsumer) -> None:
+        if consumer.scope.get("api_key") and consumer.tenant is not None:
+            self.by_tenant.setdefault(consumer.tenant.id, set()).add(consumer)
+        if consumer.is_staff:
+            self.staff.add(consumer)
+            if self._sweeper is None or self._sweeper.done():
+                self._sweeper = asyncio.get_running_loop().create_task(self._sweep_staff())
 
-    def discard(self, consumer: JobUpdatesConsumer, tenant_id: str) -> None:
-        sockets = self.by_tenant.get(tenant_id)
+    def discard(self, consumer: JobUpdatesConsumer) -> None:
+        self.staff.discard(consumer)
+        if consumer.tenant is None:
+            return
+        sockets = self.by_tenant.get(consumer.tenant.id)
         if sockets is not None:
             sockets.discard(consumer)
             if not sockets:
-                del self.by_tenant[tenant_id]
+                del self.by_tenant[consumer.tenant.id]
 
     def changed(self, tenant_id: str) -> None:
-        groups = self.by_tenant.values() if not tenant_id else [self.by_tenant.get(tenant_id, ())]
-        for consumer in [c for group in groups for c in group]:
+        if tenant_id == STAFF_CHANGED:
+            consumers = list(self.staff)
+        elif not tenant_id:
+            consumers = [c for group in self.by_tenant.values() for c in group] + list(self.staff)
+        else:
+            consumers = list(self.by_tenant.get(tenant_id, ()))
+        for consumer in consumers:
             consumer.schedule_credentials_check()
+
+    async def _sweep_staff(self) -> None:
+        while self.staff:
+            await asyncio.sleep(STAFF_RECHECK_S)
+            self.changed(STAFF_CHANGED)
 
 
 class JobUpdatesConsumer(AsyncJsonWebsocketConsumer):
@@ -179,8 +193,9 @@ class JobUpdatesConsumer(AsyncJsonWebsocketConsumer):
 
     @property
     def is_staff(self) -> bool:
-        """True if a staff session (from an allowed Origin) opened this socket."""
-        return is_staff_user(self.scope.get("user"))
+        """True if a staff session that may view jobs (from an allowed Origin) opened this
+        socket (decided by realtime.auth)."""
+        return bool(self.scope.get("staff"))
 
     @property
     def identity(self) -> str:
@@ -190,18 +205,49 @@ class JobUpdatesConsumer(AsyncJsonWebsocketConsumer):
         return f"tenant={self.tenant.id if self.tenant else None}"
 
     # --- connection lifecycle ---------------------------------------------------------------
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        """Run the consumer; whatever ends it (a close, or the server cancelling its task when
+        it did not stop in time), it stops being counted and delivered to."""
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._forget()
+
+    def _forget(self) -> None:
+        """Drop this socket from every registry of its process (synchronous: also runs while
+        the task is being cancelled; the Redis side follows in tasks of their own)."""
+        self.closing = True
+        hub = self.hub
+        if hub is None:
+            return
+        hub.attached(Presence).forget(self)
+        hub.attached(CheckedSockets).discard(self)
+        for tenant_id in self.subscriptions:
+            hub.forget(tenant_id, self)
+        self.subscriptions.clear()
+        self.held.clear()
+
     async def connect(self) -> None:
-        """Accept an authenticated socket and greet it with CONNECTED."""
+        """Accept an authenticated socket and greet it with CONNECTED, or, past a connection
+        cap, with an ERROR and a close (4029)."""
         if self.tenant is None and not self.is_staff:
             # The auth middleware refuses these; this guards a routing without it.
             await self.close()
             return
         self.hub = get_hub()
         self.hub.start()
-        if self.tenant is not None and self.scope.get("api_key"):
-            self.hub.attached(KeySockets).add(self, self.tenant.id)
+        raw_key = self.scope.get("api_key")
+        fields = socket_fields(
+            tenant_id=self.tenant.id if self.tenant is not None else None,
+            key_digest=hash_api_key(raw_key) if raw_key else None,
+        )
+        refusal = await self.hub.attached(Presence).admit(self, fields)
         await self.accept()
-        self.counted = await _count_connection(+1)
+        if refusal is not None:
+            await self.send_error(refusal.message, code="TOO_MANY_CONNECTIONS")
+            await self.close_with(CLOSE_TOO_MANY_CONNECTIONS, refusal.message)
+            return
+        self.hub.attached(CheckedSockets).add(self)
         if self.is_staff:
             message = "connected as staff; SUBSCRIBE to any tenant"
         else:
@@ -210,17 +256,7 @@ class JobUpdatesConsumer(AsyncJsonWebsocketConsumer):
 
     async def disconnect(self, code: int) -> None:
         """Stop every subscription of this socket."""
-        self.closing = True
-        if getattr(self, "counted", False):
-            self.counted = False
-            await _count_connection(-1)
-        if self.hub is not None:
-            if self.tenant is not None:
-                self.hub.attached(KeySockets).discard(self, self.tenant.id)
-            for tenant_id in list(self.subscriptions):
-                await self.hub.unsubscribe(tenant_id, self)
-        self.subscriptions.clear()
-        self.held.clear()
+        self._forget()
 
     async def close_with(self, code: int, reason: str) -> None:
         """Close the socket for abuse; later frames of this connection are ignored."""
@@ -328,8 +364,18 @@ class JobUpdatesConsumer(AsyncJsonWebsocketConsumer):
             await self._replay(tenant_id, since)
 
     async def _replay(self, tenant_id: str, since: datetime) -> None:
-        limit = settings.JOBS["SINCE_REPLAY_LIMIT"]
+        # Rows come out of the tenant's budget, shared by all its sockets on every process: a
+        # tenant replaying in a loop slows its own replays, not the server.
+        limit, retry_ms = await take_replay_rows(tenant_id, settings.JOBS["SINCE_REPLAY_LIMIT"])
+        if limit == 0:
+            await self.send_error(
+                REPLAY_BUDGET_SPENT, tenantId=tenant_id, since=iso(since), retryAfterMs=retry_ms
+            )
+            await self._release_held(tenant_id, {})
+            return
         frames = await _jobs_updated_since(tenant_id, since, limit)
+        if len(frames) < limit:
+            await take_replay_rows(tenant_id, len(frames) - limit)
         floors: dict[str, datetime] = {}
         for frame in frames:
             updated_at = _parse_time(frame["updatedAt"])
@@ -449,8 +495,8 @@ class JobUpdatesConsumer(AsyncJsonWebsocketConsumer):
         self.schedule_credentials_check()
 
     def schedule_credentials_check(self) -> None:
-        """Re-check this socket's API key soon (its tenant's keys changed)."""
-        if self.closing or self.scope.get("api_key") is None:
+        """Re-check this socket's API key or staff session soon (they may have changed)."""
+        if self.closing or (self.scope.get("api_key") is None and not self.is_staff):
             return
         if self.credentials_check is None or self.credentials_check.done():
             self.credentials_check = asyncio.get_running_loop().create_task(
@@ -458,11 +504,21 @@ class JobUpdatesConsumer(AsyncJsonWebsocketConsumer):
             )
 
     async def _credentials_still_valid(self) -> bool:
-        """Whether the socket's API key still authenticates; closes the socket if not."""
+        """Whether the socket's API key still authenticates and its staff session is still
+        logged in with the permission to view jobs; closes the socket if not."""
         raw_key = self.scope.get("api_key")
-        if raw_key is None:
-            return True
-        if await aauthenticate(raw_key) is not None:
-            return True
-        await self.close_with(CLOSE_CREDENTIALS_REVOKED, "API key revoked or tenant inactive")
-        return False
+        if raw_key is not None and await aauthenticate(raw_key) is None:
+            await self.close_with(CLOSE_CREDENTIALS_REVOKED, "API key revoked or tenant inactive")
+            return False
+        if self.is_staff and not await self._staff_still_valid():
+            await self.close_with(
+                CLOSE_CREDENTIALS_REVOKED, "staff session ended or permission withdrawn"
+            )
+            return False
+        return True
+
+    async def _staff_still_valid(self) -> bool:
+        session = self.scope.get("session")
+        user = self.scope.get("user")
+        session_key = getattr(session, "session_key", None)
+        return await orm(staff_session_user)(session_key, getattr(user, "pk", None)) is not None

@@ -19,7 +19,7 @@ import contextlib
 import logging
 import os
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
@@ -100,6 +100,8 @@ class Hub:
         # One future per SUBSCRIBE sent, resolved by its confirmation (Redis answers in order).
         self._acks: dict[str, deque[asyncio.Future[None]]] = {}
         self._auth_callbacks: list[Callable[[str], None]] = []
+        self._close_callbacks: list[Callable[[], Awaitable[None]]] = []
+        self._background: set[asyncio.Task[None]] = set()
         self._attached: dict[Callable[[Hub], Any], Any] = {}
         self._pubsub: Any = None
         self._task: asyncio.Task[None] | None = None
@@ -121,6 +123,11 @@ class Hub:
                 await self._task
         self._task = None
         self.connected = False
+        for callback in self._close_callbacks:
+            try:
+                await callback()
+            except Exception:
+                logger.exception("a hub close callback failed")
 
     async def wait_connected(self, within_s: float) -> bool:
         """Wait until the subscription is live; False if it is not within `within_s`."""
@@ -134,6 +141,10 @@ class Hub:
     def on_auth_change(self, callback: Callable[[str], None]) -> None:
         """Call `callback(tenant_id)` whenever a key or tenant changes (from any process)."""
         self._auth_callbacks.append(callback)
+
+    def on_close(self, callback: Callable[[], Awaitable[None]]) -> None:
+        """Await `callback()` when the hub closes (what is attached to it cleans up)."""
+        self._close_callbacks.append(callback)
 
     def attached(self, factory: Callable[[Hub], T]) -> T:
         """The one object `factory` makes for this hub (the key cache, the registry of key
@@ -166,20 +177,40 @@ class Hub:
 
     async def unsubscribe(self, tenant: str, listener: Listener) -> None:
         """Stop delivering `tenant`'s updates to `listener`."""
+        name = self._drop_listener(tenant, listener)
+        if name is not None:
+            await self._send_unsubscribe(name)
+
+    def forget(self, tenant: str, listener: Listener) -> None:
+        """`unsubscribe` without waiting, for a listener whose task may be being cancelled: the
+        listener is gone at once, the Redis UNSUBSCRIBE (if nobody else listens) follows."""
+        name = self._drop_listener(tenant, listener)
+        if name is not None:
+            task = asyncio.get_running_loop().create_task(self._send_unsubscribe(name))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    def _drop_listener(self, tenant: str, listener: Listener) -> str | None:
+        """Remove `listener`; the channel's name if nobody listens to it any more."""
         name = updates_channel(self.prefix, tenant)
         channel = self._channels.get(name)
         if channel is None:
-            return
+            return None
         channel.listeners.discard(listener)
         if channel.listeners:
-            return
+            return None
         del self._channels[name]
-        if self.connected:
-            try:
-                await self._pubsub.unsubscribe(name)
-            except Exception as exc:
-                # A channel nobody listens to only costs ignored messages until reconnection.
-                logger.warning("unsubscribe failed channel=%s: %s", name, exc)
+        return name
+
+    async def _send_unsubscribe(self, name: str) -> None:
+        # Someone may have subscribed again meanwhile (forget's task runs later).
+        if not self.connected or name in self._channels:
+            return
+        try:
+            await self._pubsub.unsubscribe(name)
+        except Exception as exc:
+            # A channel nobody listens to only costs ignored messages until reconnection.
+            logger.warning("unsubscribe failed channel=%s: %s", name, exc)
 
     async def _send_subscribe(self, names: list[str]) -> None:
         futures = self._expect_acks(names)

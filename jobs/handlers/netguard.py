@@ -4,7 +4,8 @@ Pure functions, no I/O: the webhook handler applies them to every address it res
 connecting, and the API may reuse them. By default anything that is not a public unicast address
 is refused: loopback, private, link-local (cloud metadata), unique-local, CGNAT, multicast,
 reserved, and IPv6 forms that embed such an IPv4 address (IPv4-mapped, NAT64, 6to4).
-An allow-list of hostnames, IPs and CIDRs (`JOBS_WEBHOOK_ALLOWED_HOSTS`) lifts the ban.
+An allow-list of hostnames, IPs and CIDRs (`JOBS_WEBHOOK_ALLOWED_HOSTS`) lifts the ban, on every
+port or, written `host:port`, `ip:port` or `[ipv6]:port`, on that port only.
 """
 
 from __future__ import annotations
@@ -106,25 +107,34 @@ def normalize_host(host: str) -> str:
     return host.rstrip(".")
 
 
+# An allow-list entry's port: `name:443`, `10.0.0.1:8080`, `[fd00::1]:8443`, `10.0.0.0/8:443`.
+# A bare IPv6 address has colons of its own, so it takes a port only in brackets.
+_PORT_SUFFIX_RE = re.compile(r"(?P<host>\[[^\]]*\]|[^:\[\]]*):(?P<port>[0-9]{1,5})")
+
+# A port of None: the entry allows every port.
+Port = int | None
+
+
 @dataclass(frozen=True, slots=True)
 class AllowList:
-    """Hosts (exact, case-insensitive) and networks that may be reached even though private."""
+    """Hosts (exact, case-insensitive) and networks that may be reached even though private, each
+    on every port (`None`) or on one port."""
 
-    hosts: frozenset[str] = frozenset()
-    networks: tuple[IPNetwork, ...] = ()
+    hosts: frozenset[tuple[str, Port]] = frozenset()
+    networks: tuple[tuple[IPNetwork, Port], ...] = ()
 
-    def allows_host(self, host: str) -> bool:
-        """True if `host` (as written in the URL) is an allow-listed name or address."""
+    def allows_host(self, host: str, *, port: int) -> bool:
+        """True if `host` (as written in the URL) is an allow-listed name or address on `port`."""
         name = normalize_host(host)
-        if name in self.hosts:
+        if (name, None) in self.hosts or (name, port) in self.hosts:
             return True
         try:
-            return self.allows_ip(ipaddress.ip_address(name))
+            return self.allows_ip(ipaddress.ip_address(name), port=port)
         except ValueError:
             return False
 
-    def allows_ip(self, ip: IPAddress) -> bool:
-        """True if `ip` (or the IPv4 address it maps to) is in an allow-listed network."""
+    def allows_ip(self, ip: IPAddress, *, port: int) -> bool:
+        """True if `ip` (or the IPv4 address it maps to) is in an allow-listed network on `port`."""
         candidates: list[IPAddress] = [ip]
         if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
             candidates.append(ip.ipv4_mapped)
@@ -133,32 +143,50 @@ class AllowList:
         return any(
             candidate in network
             for candidate in candidates
-            for network in self.networks
-            if candidate.version == network.version
+            for network, allowed_port in self.networks
+            if candidate.version == network.version and allowed_port in (None, port)
         )
 
 
+def _split_port(entry: str) -> tuple[str, Port]:
+    """`host:port` into its parts; an entry without a port allows every port."""
+    match = _PORT_SUFFIX_RE.fullmatch(entry)
+    if match is None:
+        return entry, None
+    port = int(match["port"])
+    if not 1 <= port <= 65535:
+        raise ValueError(f"port {port} out of range")
+    return match["host"], port
+
+
 def parse_allow_list(entries: Iterable[str]) -> AllowList:
-    """Parse allow-list entries (hostnames, IPs, CIDRs); raises ValueError on a malformed one."""
-    hosts: set[str] = set()
-    networks: list[IPNetwork] = []
+    """Parse allow-list entries (hostnames, IPs, CIDRs, each with an optional `:port`); raises
+    ValueError on a malformed one."""
+    hosts: set[tuple[str, Port]] = set()
+    networks: list[tuple[IPNetwork, Port]] = []
     for raw in entries:
-        entry = normalize_host(raw)
-        if not entry:
+        if not raw.strip():
             continue
+        invalid = f"invalid webhook allow-list entry {raw!r}: not a host, IP or CIDR"
         try:
-            networks.append(ipaddress.ip_network(entry, strict=False))
+            host, port = _split_port(raw.strip().lower())
+        except ValueError as exc:
+            raise ValueError(f"{invalid} ({exc})") from None
+        entry = normalize_host(host)
+        try:
+            networks.append((ipaddress.ip_network(entry, strict=False), port))
             continue
         except ValueError:
             pass
         if not _HOSTNAME_RE.fullmatch(entry) or len(entry) > 253:
-            raise ValueError(f"invalid webhook allow-list entry {raw!r}: not a host, IP or CIDR")
-        hosts.add(entry)
+            raise ValueError(f"{invalid} (with an optional :port)")
+        hosts.add((entry, port))
     return AllowList(hosts=frozenset(hosts), networks=tuple(networks))
 
 
-def check_address(host: str, ip: IPAddress, allow: AllowList) -> str | None:
-    """Why connecting to `ip` (resolved from `host`) is refused, or None if it is permitted."""
-    if allow.allows_host(host) or allow.allows_ip(ip):
+def check_address(host: str, ip: IPAddress, allow: AllowList, *, port: int) -> str | None:
+    """Why connecting to `ip` (resolved from `host`) on `port` is refused, or None if it is
+    permitted."""
+    if allow.allows_host(host, port=port) or allow.allows_ip(ip, port=port):
         return None
     return is_blocked(ip)

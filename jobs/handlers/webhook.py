@@ -209,7 +209,7 @@ class GuardedBackend(httpcore.AsyncNetworkBackend):
         # One blocked answer refuses them all: a name mixing public and private addresses is
         # how rebinding attacks look, and trying the next address could reach the private one.
         for address in addresses:
-            reason = netguard.check_address(host, address, self._allow)
+            reason = netguard.check_address(host, address, self._allow, port=port)
             if reason is not None:
                 via = "" if _is_literal_of(host, address) else f" ({host})"
                 raise WebhookBlocked(f"webhook blocked: {_show(address)}{via} is {reason}")

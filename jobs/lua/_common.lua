@@ -7,6 +7,8 @@ local delayed_key = prefix .. ':delayed'
 local running_key = prefix .. ':running'
 local limits_key = prefix .. ':limits'
 local wake_key = prefix .. ':wake'
+local workers_key = prefix .. ':workers'
+local slots_key = prefix .. ':slots'
 
 local function now_ms()
   local t = redis.call('TIME')

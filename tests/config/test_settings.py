@@ -6,6 +6,7 @@ import os
 import secrets
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def manage(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
     base = {k: v for k, v in os.environ.items() if k not in ("SECRET_KEY", "DEBUG", "HTTPS")}
+    # An empty var directory: no var/run.env of a `make run` on this machine supplies settings.
+    base["JOBS_VAR_DIR"] = tempfile.mkdtemp(prefix="settings-test-")
     return subprocess.run(
         [sys.executable, str(ROOT / "manage.py"), *args],
         env={**base, **env},

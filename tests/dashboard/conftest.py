@@ -14,6 +14,7 @@ from django.utils import timezone
 
 from jobs.models import TERMINAL_STATUSES, Job, JobStatus, Tenant
 from tests.e2e.conftest import stack  # noqa: F401 -- re-exported fixture
+from tests.support.users import create_operator
 
 
 def make_job(
@@ -41,8 +42,8 @@ def make_job(
 
 @pytest.fixture
 def staff_user(db: None) -> AbstractBaseUser:
-    # Staff without any model permission: the dashboard needs is_staff, nothing more.
-    return get_user_model().objects.create_user(username="operator", is_staff=True)
+    # Staff who may view jobs: the dashboard and staff sockets need that permission.
+    return create_operator()
 
 
 @pytest.fixture

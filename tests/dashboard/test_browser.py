@@ -1,11 +1,12 @@
 """The dashboard in a real headless Chromium (Playwright) against Daphne and a worker run as
 subprocesses: log in through the admin form, watch jobs created over the REST API appear and
-finish without reloading the page."""
+finish without reloading the page; the admin, the dashboard and the API docs work under their
+Content-Security-Policy, which the browser enforces."""
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -14,7 +15,14 @@ import pytest
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.test import Client
-from playwright.sync_api import Browser, ConsoleMessage, Page, expect, sync_playwright
+from playwright.sync_api import (
+    Browser,
+    ConsoleMessage,
+    Page,
+    Response,
+    expect,
+    sync_playwright,
+)
 
 from jobs.models import Tenant
 from jobs.services import api_key_create
@@ -60,6 +68,46 @@ def admin_login(page: Page, stack: Stack, username: str) -> None:
     page.click("input[type=submit]")
 
 
+# Records every Content-Security-Policy violation of the page (the browser's own report of
+# what it blocked), from before the page's first script runs.
+RECORD_CSP_VIOLATIONS = """
+window.cspViolations = [];
+document.addEventListener("securitypolicyviolation", (event) => {
+    window.cspViolations.push(
+        `${event.effectiveDirective} blocked ${event.blockedURI || "inline"} ` +
+        `at ${event.sourceFile}:${event.lineNumber}`);
+});
+"""
+
+
+def watch_csp(page: Page) -> list[str]:
+    """Console messages about the policy, from now on; violations are also kept in the page."""
+    page.add_init_script(RECORD_CSP_VIOLATIONS)
+    messages: list[str] = []
+    page.on(
+        "console",
+        lambda m: messages.append(m.text) if "Content Security Policy" in m.text else None,
+    )
+    return messages
+
+
+def csp_violations(page: Page) -> list[str]:
+    return page.evaluate("window.cspViolations")
+
+
+def policy_of(response: Response | None) -> dict[str, str]:
+    """The enforced policy of a page's response, directive by directive."""
+    assert response is not None
+    header = response.headers.get("content-security-policy", "")
+    directives = (part.strip().partition(" ") for part in header.split(";") if part.strip())
+    return {name: value for name, _, value in directives}
+
+
+def dashboard_page(stack: Stack) -> Callable[[Response], bool]:
+    """Matches the dashboard page itself (not the redirect to the login form)."""
+    return lambda response: response.url == f"{stack.base_url}/dashboard/" and response.ok
+
+
 def feed_row(page: Page, job_id: str, status: str) -> object:
     return page.locator(f'#feed tr[data-job-id="{job_id}"][data-status="{status}"]')
 
@@ -85,9 +133,13 @@ def watch_jobs_run(stack: Stack, browser: Browser, key: str) -> None:
         "response",
         lambda r: problems.append(f"HTTP {r.status} {r.url}") if r.status >= 400 else None,
     )
+    csp_messages = watch_csp(page)
 
-    admin_login(page, stack, "operator")
+    with page.expect_response(dashboard_page(stack)) as dashboard:
+        admin_login(page, stack, "operator")
     expect(page).to_have_url(f"{stack.base_url}/dashboard/")
+    # The live feed below works under the strict policy (no inline code, the socket allowed).
+    assert policy_of(dashboard.value).get("script-src") == "'self'"
     # Connected over /ws with the session, and subscribed to both tenants shown.
     expect(page.locator("#ws-state")).to_have_attribute("data-state", "live", timeout=WAIT_MS)
     expect(page.locator("#ws-state")).to_contain_text("2 tenants")
@@ -138,11 +190,82 @@ def watch_jobs_run(stack: Stack, browser: Browser, key: str) -> None:
     page.screenshot(path=str(SCREENSHOT), full_page=True)
     print(f"\ndashboard screenshot: {SCREENSHOT}")
     assert problems == []
+    assert csp_violations(page) == [] and csp_messages == []
 
     # The feed links each job to its admin page, whose timeline names the worker.
     feed_row(page, sleeps[0], "COMPLETED").locator("a code").click()
     expect(page).to_have_url(f"{stack.base_url}/admin/jobs/job/{sleeps[0]}/change/")
     expect(page.locator("table.job-timeline")).to_contain_text("on worker e2e-worker")
+
+
+def test_admin_dashboard_and_api_docs_work_under_their_content_security_policy(
+    stack: Stack,
+) -> None:
+    Tenant.objects.create(id="acme", name="Acme Inc.")
+    get_user_model().objects.create_superuser("operator", password=PASSWORD)
+    stack.start_api()
+    with chromium() as browser:
+        browse_under_the_policy(stack, browser)
+
+
+def browse_under_the_policy(stack: Stack, browser: Browser) -> None:
+    page = browser.new_page(viewport={"width": 1440, "height": 1000})
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.on("console", lambda m: errors.append(f"{m.text} {m.location}") if _is_error(m) else None)
+    csp_messages = watch_csp(page)
+    policies: dict[str, dict[str, str]] = {}
+
+    # The admin's login page.
+    policies["login"] = policy_of(page.goto(f"{stack.base_url}/admin/login/"))
+    expect(page.locator("#id_username")).to_be_visible()
+    assert csp_violations(page) == []
+
+    # The dashboard, its socket live, its stats polled.
+    with page.expect_response(dashboard_page(stack)) as dashboard:
+        page.fill("#id_username", "operator")
+        page.fill("#id_password", PASSWORD)
+        page.click("input[type=submit]")
+        page.wait_for_url(f"{stack.base_url}/admin/")
+        page.goto(f"{stack.base_url}/dashboard/")
+    policies["dashboard"] = policy_of(dashboard.value)
+    expect(page.locator("#ws-state")).to_have_attribute("data-state", "live", timeout=WAIT_MS)
+    expect(page.locator("#stats-time")).not_to_have_text("—", timeout=WAIT_MS)
+    assert csp_violations(page) == [] and csp_messages == [] and errors == []
+
+    # The control: the browser does enforce the policy, and a violation would be seen. An
+    # injected inline script does not run.
+    ran = page.evaluate(
+        """() => {
+            const script = document.createElement("script");
+            script.textContent = "window.injectedScriptRan = true";
+            document.body.append(script);
+            return window.injectedScriptRan === true;
+        }"""
+    )
+    assert ran is False
+    page.wait_for_function("window.cspViolations.length > 0", timeout=WAIT_MS)
+    assert [v.split(" ", 1)[0] for v in csp_violations(page)] == ["script-src-elem"]
+    csp_messages.clear()
+    errors.clear()  # the browser reports the blocked script as a console error too
+
+    # The API docs (Swagger UI from our own static files), including a call made from them.
+    policies["docs"] = policy_of(page.goto(f"{stack.base_url}/docs"))
+    health = page.locator(".opblock-get", has_text="/health")
+    expect(health).to_be_visible(timeout=WAIT_MS)
+    health.locator(".opblock-summary").click()
+    page.get_by_role("button", name="Try it out").click()
+    page.get_by_role("button", name="Execute").click()
+    status = health.locator(".live-responses-table tbody .response-col_status")
+    expect(status).to_contain_text("200", timeout=WAIT_MS)
+    assert csp_violations(page) == []
+
+    for where, policy in policies.items():
+        assert policy.get("default-src") == "'self'", where
+        assert policy.get("script-src") == "'self'", where
+        assert policy.get("style-src") == "'self'", where
+    assert csp_messages == []
+    assert errors == []
 
 
 def test_a_non_staff_user_is_refused_by_page_api_and_websocket(stack: Stack) -> None:

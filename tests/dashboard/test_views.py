@@ -18,6 +18,7 @@ from dashboard.selectors import THROUGHPUT_BUCKETS, job_throughput
 from jobs.models import Job, JobStatus, Tenant
 from jobs.queue import entry_for, sync_queue
 from tests.dashboard.conftest import make_job
+from tests.support.users import create_operator
 
 pytestmark = pytest.mark.django_db
 
@@ -88,7 +89,19 @@ def test_the_stats_api_refuses_anonymous_and_non_staff_users_with_403(
     for refused in (client, customer_client):
         response = refused.get(STATS_URL)
         assert response.status_code == 403
-        assert response.json() == {"error": "Staff session required"}
+        assert response.json() == {
+            "error": "Staff session with the jobs.view_job permission required"
+        }
+
+
+def test_staff_without_the_permission_to_view_jobs_sees_neither_page_nor_stats(
+    tenant: Tenant,
+) -> None:
+    # Every tenant's figures are on these pages: is_staff alone (the admin's door) is not enough.
+    client = Client()
+    client.force_login(create_operator("intern", can_view_jobs=False))
+    assert client.get(DASHBOARD_URL).status_code == 403
+    assert client.get(STATS_URL).status_code == 403
 
 
 def test_an_unknown_tenant_filter_is_a_404(staff_client: Client, tenant: Tenant) -> None:

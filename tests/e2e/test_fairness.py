@@ -1,6 +1,7 @@
 """Fair scheduling with real worker processes: a noisy neighbour does not delay a small
-tenant, priorities order a tenant's jobs, and a tenant's concurrency limit holds across
-workers while other tenants keep flowing."""
+tenant, priorities order a tenant's jobs, a tenant's concurrency limit holds across workers
+while other tenants keep flowing, and a tenant's long jobs cannot hold every slot (fair
+share)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from django.db import connection
 from django.db.models import Count
 
 from jobs.models import Job, JobStatus, Tenant
-from jobs.services import api_key_create
+from jobs.services import JobSpec, api_key_create, job_enqueue_batch
 from tests.e2e.conftest import Stack, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
@@ -143,3 +144,62 @@ def test_concurrency_limit_holds_across_three_workers(stack: Stack) -> None:
     assert peak == 2, f"limited tenant peaked at {peak} RUNNING (limit 2)"
     assert max(s.get("free", 0) for s in samples) > 2, "idle slots were left unused"
     assert free_done_while_limited_waiting
+
+
+LONG_SLEEP_MS = 3000
+
+
+def enqueue_sleeps(tenant_id: str, delay_ms: int, n: int) -> list[str]:
+    """Jobs created by the service the API calls (the API itself is not what these tests are
+    about, and starting it would double their time)."""
+    tenant = Tenant.objects.get_or_create(id=tenant_id)[0]
+    spec = JobSpec(type="sleep", payload={"delayMs": delay_ms})
+    return [str(job.id) for job in job_enqueue_batch(tenant=tenant, specs=[spec] * n)]
+
+
+def running_count(tenant_id: str) -> int:
+    return Job.objects.filter(tenant_id=tenant_id, status=JobStatus.RUNNING).count()
+
+
+def test_long_jobs_do_not_hold_every_slot_while_another_tenant_waits(stack: Stack) -> None:
+    """The reported attack, scaled down: with round robin alone, each slot a short job frees
+    goes to the hog in turn until its 3 s sleeps hold all four, and the other tenant's jobs
+    wait for them. With a fair share (2 of the 4 slots) they never do; alone, the hog then
+    takes every slot."""
+    enqueue_sleeps("hog", LONG_SLEEP_MS, 8)
+    small_ids = enqueue_sleeps("small", 0, 10)
+    stack.start_worker("--concurrency", "4")
+    wait_until(
+        lambda: Job.objects.filter(id__in=small_ids, status=JobStatus.COMPLETED).count() == 10,
+        timeout=20,
+        message="the small tenant's jobs did not run",
+    )
+    assert not Job.objects.filter(tenant_id="hog", status=JobStatus.COMPLETED).exists(), (
+        "the small tenant waited for the hog's long jobs to end"
+    )
+    hog_starts = Job.objects.filter(tenant_id="hog").exclude(started_at=None)
+    first_hog_start = min(hog_starts.values_list("started_at", flat=True))
+    last_small_end = max(Job.objects.filter(id__in=small_ids).values_list("finished_at", flat=True))
+    assert (last_small_end - first_hog_start).total_seconds() < LONG_SLEEP_MS / 2000
+    # Work-conserving: with nobody else waiting, the hog fills the slots it was kept from.
+    wait_until(
+        lambda: running_count("hog") == 4, timeout=LONG_SLEEP_MS / 2000, message="slots left idle"
+    )
+
+
+def test_reserve_starts_a_late_tenants_job_while_long_jobs_fill_the_cluster(
+    stack: Stack,
+) -> None:
+    """With JOBS_TENANT_FAIR_SHARE_RESERVE=1 a tenant alone leaves one slot free, so another
+    tenant's job that arrives after the hog's long jobs started runs at once."""
+    stack.env["JOBS_TENANT_FAIR_SHARE_RESERVE"] = "1"
+    stack.start_worker("--concurrency", "4")
+    enqueue_sleeps("hog", LONG_SLEEP_MS, 8)
+    wait_until(lambda: running_count("hog") >= 3, timeout=20, message="the hog's jobs did not run")
+    [late] = enqueue_sleeps("small", 0, 1)
+    wait_until(
+        lambda: Job.objects.filter(id=late, status=JobStatus.COMPLETED).exists(),
+        timeout=LONG_SLEEP_MS / 2000,
+        message="the late tenant's job waited for a slot of the hog",
+    )
+    assert running_count("hog") == 3

@@ -7,13 +7,14 @@ import json
 import os
 import re
 import signal
+import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import httpx
 import pytest
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
 from jobs.models import Tenant
@@ -145,3 +146,62 @@ def test_processes_stop_when_the_supervisor_is_killed(stack: Stack) -> None:
         timeout=20,
         message="a Daphne process outlived its supervisor",
     )
+
+
+def raw_response_head(port: int, request: bytes) -> tuple[str, dict[str, str]]:
+    """Send `request` as is (httpx would clean it up) and read the status line and headers."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(request)
+        received = b""
+        while b"\r\n\r\n" not in received:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            received += chunk
+    status, *lines = received.split(b"\r\n\r\n", 1)[0].decode("latin-1").split("\r\n")
+    return status, {
+        name.strip().lower(): value.strip()
+        for name, value in (line.split(":", 1) for line in lines)
+    }
+
+
+def test_no_response_names_the_server_software(stack: Stack) -> None:
+    """No `Server` header (Daphne sends `Server: daphne`) on any path a response can take."""
+    tenant = Tenant.objects.create(id="acme")
+    _, key = api_key_create(tenant=tenant)
+    stack.start_api()
+    seen: dict[str, httpx.Headers | dict[str, str]] = {}
+
+    with httpx.Client(base_url=stack.base_url, timeout=30) as client:
+        for path in (
+            "/health",  # the lean API handler (config/handlers.py)
+            "/jobs",  # ... with an error (401)
+            "/admin/login/",  # Django's handler and middleware
+            "/docs",
+            "/static/admin/css/base.css",  # WhiteNoise
+            "/no-such-page",  # Django's 404
+        ):
+            response = client.get(path)
+            assert response.status_code in (200, 401, 404), (path, response.status_code)
+            seen[path] = response.headers
+    # The server's own error, before any application code runs.
+    status, headers = raw_response_head(
+        stack.port, b"GET /health?\xff HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    assert status.startswith("HTTP/1.1 400"), status
+    seen["400 for a non-ASCII query"] = headers
+    # WebSocket handshakes, accepted and refused.
+    with connect(f"{stack.ws_url}?token={key}", open_timeout=30) as ws:
+        assert json.loads(ws.recv(timeout=10))["type"] == "CONNECTED"
+        assert ws.response is not None and ws.response.status_code == 101
+        seen["ws accepted"] = dict(ws.response.headers.raw_items())
+    with pytest.raises(InvalidStatus) as refused:
+        connect(f"{stack.ws_url}?token=wrong", open_timeout=30)
+    assert refused.value.response.status_code == 403
+    seen["ws refused"] = dict(refused.value.response.headers.raw_items())
+
+    server_headers = {
+        where: {name.lower(): value for name, value in dict(headers).items()}.get("server")
+        for where, headers in seen.items()
+    }
+    assert server_headers == dict.fromkeys(seen)

@@ -7,6 +7,7 @@ import contextlib
 import json
 import math
 import statistics
+from datetime import datetime
 from typing import Any
 
 import pytest
@@ -113,3 +114,68 @@ def test_data_processing_invariants(values: list[float]) -> None:
 
 def test_every_registered_type_is_covered() -> None:
     assert {"email", "webhook", "sleep", "data_processing"} <= set(registered_types())
+
+
+# --- attacks of the hardening review, as properties -------------------------------------------
+HEADER_BREAKS = st.sampled_from(
+    ["\r", "\n", "\x00", "\x0b", "\x0c", "\x1c", "\x1d", "\x1e", "\x85", "\u2028", "\u2029"]
+)
+
+
+@SETTINGS
+@given(
+    field=st.sampled_from(["subject", "to", "from", "replyTo"]),
+    before=st.text(max_size=20),
+    brk=HEADER_BREAKS,
+    after=st.text(max_size=20),
+)
+def test_no_line_separator_ever_reaches_an_email_header(
+    field: str, before: str, brk: str, after: str
+) -> None:
+    payload: dict[str, Any] = {"to": "a@example.com", "subject": "s", "body": "b"}
+    payload[field] = f"{before}{brk}{after}@example.com" if field != "subject" else before + brk
+    with pytest.raises(ValidationError):
+        validate_payload("email", payload)
+
+
+@pytest.mark.django_db
+@SETTINGS
+@given(
+    when=st.datetimes(
+        min_value=datetime(1, 1, 1),
+        max_value=datetime(9999, 12, 31, 23, 59),
+        timezones=st.timezones(),
+    )
+    | st.datetimes(min_value=datetime(1, 1, 1), max_value=datetime(9999, 12, 31, 23, 59)),
+    offset=st.sampled_from(["", "Z", "+14:00", "-14:00", "-23:59", "+23:59"]),
+)
+def test_any_run_at_is_accepted_and_readable_or_refused(
+    key: str, when: datetime, offset: str
+) -> None:
+    text = when.isoformat() if when.tzinfo else when.isoformat() + offset
+    client = Client()
+    auth = {"HTTP_AUTHORIZATION": f"Bearer {key}"}
+    response = client.post(
+        "/jobs",
+        json.dumps({"type": "sleep", "payload": {"delayMs": 0}, "runAt": text}),
+        content_type="application/json",
+        **auth,
+    )
+    assert response.status_code in (201, 400), response.content
+    if response.status_code == 201:
+        # Whatever was accepted reads back: the job, the tenant's list.
+        assert client.get(f"/jobs/{response.json()['id']}", **auth).status_code == 200
+        assert client.get("/jobs", **auth).status_code == 200
+
+
+@pytest.mark.django_db
+@SETTINGS
+@given(credential=st.text(max_size=60))
+def test_any_authorization_header_is_a_401_not_an_error(credential: str) -> None:
+    try:
+        header = f"Bearer {credential}".encode("latin-1").decode("latin-1")
+    except UnicodeEncodeError:
+        return  # not sendable as an HTTP header
+    response = Client().get("/jobs", HTTP_AUTHORIZATION=header)
+    assert response.status_code == 401, response.content
+    assert response.json()["error"] == "Missing or invalid API key"

@@ -377,7 +377,8 @@ def test_metrics_report_jobs_and_queue_depth(client: Client, api_key: str, setti
 
     post(client, "/jobs/batch", {"jobs": [SLEEP] * 3}, api_key)
     post(client, "/jobs", {**SLEEP, "delayMs": 60_000}, api_key)
-    response = client.get("/metrics")
+    settings.JOBS = {**settings.JOBS, "METRICS_TOKEN": "s3cret"}
+    response = client.get("/metrics", HTTP_AUTHORIZATION="Bearer s3cret")
     assert response.status_code == 200
     samples = {
         (s.name, tuple(sorted(s.labels.items()))): s.value
@@ -387,9 +388,7 @@ def test_metrics_report_jobs_and_queue_depth(client: Client, api_key: str, setti
     assert samples[("jobqueue_jobs", (("status", "PENDING"), ("type", "sleep")))] == 4
     assert samples[("jobqueue_queue_depth", (("state", "ready"),))] == 3
     assert samples[("jobqueue_queue_depth", (("state", "delayed"),))] == 1
-    settings.JOBS = {**settings.JOBS, "METRICS_TOKEN": "s3cret"}
     assert client.get("/metrics").status_code == 401
-    assert client.get("/metrics", HTTP_AUTHORIZATION="Bearer s3cret").status_code == 200
 
 
 @pytest.mark.django_db(transaction=True)
@@ -437,3 +436,40 @@ def test_stats_show_the_tenants_queue_depth(
     assert body["jobs"]["PENDING"] == 4 and body["jobs"]["RUNNING"] == 1
     assert body["jobs"]["COMPLETED"] == 0
     assert get(client, "/stats", other_api_key).json()["queue"]["ready"] == 7
+
+
+# --- messages a client can act on -----------------------------------------------------------
+def test_a_bad_job_id_in_a_path_is_named_as_the_api_spells_it(client: Client, api_key: str) -> None:
+    body = assert_error(get(client, "/jobs/not-a-uuid", api_key), 400, "Validation failed")
+    assert body["details"] == [{"field": "jobId", "message": "must be a UUID"}]
+
+
+def test_messages_carry_no_pydantic_prefix(client: Client, api_key: str) -> None:
+    job = {"type": "email", "payload": {"to": ["nobody"], "subject": "s", "body": "b"}}
+    body = assert_error(post(client, "/jobs", job, api_key), 400, "Validation failed")
+    assert body["details"] == [
+        {"field": "payload.to.0", "message": "not a valid email address: 'nobody'"}
+    ]
+
+
+def test_a_single_address_is_reported_at_the_field_itself(client: Client, api_key: str) -> None:
+    job = {"type": "email", "payload": {"to": "nobody", "subject": "s", "body": "b"}}
+    body = assert_error(post(client, "/jobs", job, api_key), 400, "Validation failed")
+    assert body["details"] == [
+        {"field": "payload.to", "message": "not a valid email address: 'nobody'"}
+    ]
+
+
+def test_a_number_with_too_many_digits_is_told_without_python_advice(
+    client: Client, api_key: str
+) -> None:
+    raw = '{"type": "sleep", "payload": {"delayMs": ' + "9" * 5000 + "}}"
+    body = assert_error(post(client, "/jobs", raw, api_key), 400, "Malformed JSON")
+    assert body["details"] == "a number has more than 4300 digits"
+
+
+def test_an_empty_idempotency_key_is_refused(client: Client, api_key: str) -> None:
+    response = post(client, "/jobs", SLEEP, api_key, **{"Idempotency-Key": ""})
+    body = assert_error(response, 400, "Validation failed")
+    assert body["details"][0]["field"] == "Idempotency-Key"
+    assert not Job.objects.exists()

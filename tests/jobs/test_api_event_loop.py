@@ -207,7 +207,7 @@ async def test_new_key_works_while_others_are_cached(
 async def test_lean_handler_keeps_host_checks_and_limits(
     api: httpx.AsyncClient, settings: Any
 ) -> None:
-    bad_host = await api.get("/health", headers={"Host": "evil.example"})
+    bad_host = await api.get("/stats", headers={"Host": "evil.example"})
     assert bad_host.status_code == 400
     assert bad_host.json() == {"error": "Invalid Host header"}
 
@@ -237,3 +237,40 @@ async def test_database_unreachable_is_503(api: httpx.AsyncClient, settings: Any
     assert response.status_code == 503
     assert response.json()["error"] == "Database unavailable"
     assert response.headers["Retry-After"] == "5"
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "allowed"),
+    [
+        ("PUT", "/jobs", ["POST", "GET"]),
+        ("DELETE", f"/jobs/{uuid.uuid4()}", ["GET"]),
+        ("GET", "/jobs/batch", ["POST"]),
+        ("POST", "/health", ["GET"]),
+    ],
+)
+async def test_a_method_a_path_does_not_take_is_a_json_405(
+    api: httpx.AsyncClient, method: str, path: str, allowed: list[str]
+) -> None:
+    response = await api.request(method, path)
+    assert response.status_code == 405
+    assert response.headers["content-type"] == "application/json"
+    assert response.json() == {"error": "Method not allowed", "details": {"allowed": allowed}}
+    assert response.headers["allow"] == ", ".join(allowed)
+
+
+@pytest.mark.parametrize("path", ["/jobs", "/admin/", "/dashboard/", "/docs"])
+async def test_a_host_not_allowed_is_a_json_400_on_every_path(
+    api: httpx.AsyncClient, path: str
+) -> None:
+    response = await api.get(path, headers={"Host": "evil.example"})
+    assert response.status_code == 400
+    assert response.headers["content-type"] == "application/json"
+    assert "error" in response.json()
+
+
+@pytest.mark.parametrize("path", ["/health", "/ready"])
+async def test_probes_answer_whatever_the_host(api: httpx.AsyncClient, path: str) -> None:
+    # A container health check or a load balancer calls by IP address, which ALLOWED_HOSTS
+    # (the public name) does not list.
+    response = await api.get(path, headers={"Host": "10.0.0.7:8000"})
+    assert response.status_code == 200, response.text

@@ -8,7 +8,6 @@ import ipaddress
 import json
 import math
 import socket
-import socketserver
 import statistics
 import threading
 import time
@@ -26,6 +25,7 @@ from jobs.handlers import JobContext, PermanentError, get_handler, registered_ty
 from jobs.handlers import webhook as webhook_module
 from jobs.handlers.email import EmailSendError
 from jobs.handlers.webhook import MAX_RESPONSE_BYTES, WebhookError
+from tests.support.smtp_server import SMTPServer, smtp_server_for
 
 # --- helpers ------------------------------------------------------------------------------------
 
@@ -257,7 +257,8 @@ def test_email_sends_one_message_with_html_alternative(
     assert message.alternatives == [("<p>HTML body</p>", "text/html")]
 
 
-def test_email_to_a_list_with_from(mailoutbox: list[Any]) -> None:
+def test_email_to_a_list_with_from(mailoutbox: list[Any], settings: Any) -> None:
+    settings.JOBS = {**settings.JOBS, "EMAIL_ALLOWED_SENDERS": ["example.com"]}
     payload = {
         "to": ["a@example.com", "Bob Builder <bob@example.org>"],
         "subject": "",
@@ -317,84 +318,10 @@ def test_email_requires_to_subject_and_body() -> None:
     assert {e["loc"][0] for e in info.value.errors()} == {"to", "subject", "body"}
 
 
-class _SMTPHandler(socketserver.StreamRequestHandler):
-    """Just enough SMTP for smtplib: records envelopes and messages, answers RCPT as told."""
-
-    server: _SMTPServer
-
-    def reply(self, line: str) -> None:
-        self.wfile.write(line.encode() + b"\r\n")
-
-    def handle(self) -> None:
-        owner = self.server.owner
-        self.reply("220 test.local ESMTP")
-        in_data, lines = False, []
-        for raw in self.rfile:
-            line = raw.decode("utf-8", "replace").rstrip("\r\n")
-            if in_data:
-                if line == ".":
-                    owner.messages.append("\n".join(lines))
-                    in_data, lines = False, []
-                    self.reply("250 queued")
-                else:
-                    lines.append(line[1:] if line.startswith("..") else line)
-                continue
-            verb = line[:4].upper()
-            if verb in ("EHLO", "HELO"):
-                self.reply("250 test.local")
-            elif verb == "RCPT":
-                owner.recipients.append(line)
-                self.reply(owner.rcpt_reply)
-            elif verb in ("MAIL", "RSET", "NOOP"):
-                self.reply("250 ok")
-            elif verb == "DATA":
-                in_data = True
-                self.reply("354 end with .")
-            elif verb == "QUIT":
-                self.reply("221 bye")
-                return
-            else:
-                self.reply("502 not implemented")
-
-
-class _SMTPServer(socketserver.ThreadingTCPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-    owner: SMTPServer
-
-
-class SMTPServer:
-    def __init__(self, rcpt_reply: str = "250 ok") -> None:
-        self.rcpt_reply = rcpt_reply
-        self.messages: list[str] = []
-        self.recipients: list[str] = []
-        self._server = _SMTPServer(("127.0.0.1", 0), _SMTPHandler)
-        self._server.owner = self
-        self.port = self._server.server_address[1]
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
-        self._thread.start()
-
-    def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout=5)
-
-
 @pytest.fixture
 def smtp_server(settings: Any) -> Iterator[SMTPServer]:
-    server = SMTPServer()
-    settings.EMAIL_BACKEND = "django.core.mail.backends.smtp.EmailBackend"
-    settings.EMAIL_HOST = "127.0.0.1"
-    settings.EMAIL_PORT = server.port
-    settings.EMAIL_HOST_USER = ""
-    settings.EMAIL_HOST_PASSWORD = ""
-    settings.EMAIL_USE_TLS = False
-    settings.EMAIL_USE_SSL = False
-    settings.EMAIL_TIMEOUT = 5
-    yield server
-    server.close()
+    with smtp_server_for(settings) as server:
+        yield server
 
 
 def test_email_over_smtp_reaches_the_server(smtp_server: SMTPServer) -> None:

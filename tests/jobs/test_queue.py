@@ -145,3 +145,99 @@ def test_running_count_follows_claims_and_releases(
     assert int(redis_client.hget(f"{redis_prefix}:running", "t")) == 3
     queue.release(worker="w1", job_ids=["j0", "j1", "j2", "unknown"])
     assert redis_client.hget(f"{redis_prefix}:running", "t") is None
+
+
+def fair_queue(
+    settings: Any, redis_client: redis.Redis, prefix: str, *, share: float, reserve: int = 0
+) -> Queue:
+    """A queue with fair shares on, and one registered worker of 4 slots (a share of 0.5 is 2)."""
+    settings.JOBS = {
+        **settings.JOBS,
+        "TENANT_FAIR_SHARE": share,
+        "TENANT_FAIR_SHARE_RESERVE": reserve,
+    }
+    queue = Queue(redis_client, prefix=prefix)
+    queue.beat(worker="w1", slots=4)
+    return queue
+
+
+def test_tenant_at_its_fair_share_is_passed_over_while_another_has_work(
+    settings: Any, redis_client: redis.Redis, redis_prefix: str
+) -> None:
+    queue = fair_queue(settings, redis_client, redis_prefix, share=0.5)
+    queue.enqueue(entry("a", f"a{i}", age_s=i) for i in range(10))
+    assert claim(queue, 2) == ["a0", "a1"]
+    queue.enqueue([entry("b", "b0")])
+    assert claim(queue, 1) == ["b0"]
+    # B has nothing left: A may go over its share rather than leave the slot idle.
+    assert claim(queue, 1) == ["a2"]
+
+
+def test_one_claim_serves_the_other_tenant_first_then_lends_the_rest(
+    settings: Any, redis_client: redis.Redis, redis_prefix: str
+) -> None:
+    queue = fair_queue(settings, redis_client, redis_prefix, share=0.5)
+    queue.enqueue(entry("a", f"a{i}", age_s=i) for i in range(10))
+    assert claim(queue, 2) == ["a0", "a1"]
+    queue.enqueue([entry("b", "b0"), entry("b", "b1", age_s=1)])
+    assert claim(queue, 4) == ["b0", "b1", "a2", "a3"]
+
+
+def test_a_tenant_alone_fills_every_slot(
+    settings: Any, redis_client: redis.Redis, redis_prefix: str
+) -> None:
+    queue = fair_queue(settings, redis_client, redis_prefix, share=0.5)
+    queue.enqueue(entry("a", f"a{i}", age_s=i) for i in range(10))
+    assert claim(queue, 4) == ["a0", "a1", "a2", "a3"]
+
+
+def test_the_explicit_limit_still_caps_a_tenant_alone(
+    settings: Any, redis_client: redis.Redis, redis_prefix: str
+) -> None:
+    queue = fair_queue(settings, redis_client, redis_prefix, share=0.5)
+    queue.set_tenant_limit("a", 3)
+    queue.enqueue(entry("a", f"a{i}", age_s=i) for i in range(10))
+    assert claim(queue, 4) == ["a0", "a1", "a2"]
+
+
+def test_fair_share_zero_turns_it_off(
+    settings: Any, redis_client: redis.Redis, redis_prefix: str
+) -> None:
+    queue = fair_queue(settings, redis_client, redis_prefix, share=0)
+    queue.enqueue(entry("a", f"a{i}", age_s=i) for i in range(10))
+    assert claim(queue, 2) == ["a0", "a1"]
+    queue.enqueue([entry("b", "b0")])
+    assert claim(queue, 1) == ["a2"]
+
+
+def test_reserve_keeps_slots_free_for_a_tenant_that_arrives_later(
+    settings: Any, redis_client: redis.Redis, redis_prefix: str
+) -> None:
+    queue = fair_queue(settings, redis_client, redis_prefix, share=0.5, reserve=1)
+    queue.enqueue(entry("a", f"a{i}", age_s=i) for i in range(10))
+    assert claim(queue, 4) == ["a0", "a1", "a2"]
+    assert claim(queue, 1) == []
+    queue.enqueue([entry("b", "b0")])
+    assert claim(queue, 1) == ["b0"]
+    # A job of A ends: A is over its share, and the freed slot is the reserve again.
+    queue.release(worker="w1", job_ids=["a0"])
+    assert claim(queue, 1) == []
+
+
+def test_fair_share_is_of_the_slots_of_registered_workers(
+    settings: Any, redis_client: redis.Redis, redis_prefix: str
+) -> None:
+    queue = fair_queue(settings, redis_client, redis_prefix, share=0.5)
+    queue.beat(worker="w2", slots=4)  # 8 slots: a share of 4
+    queue.enqueue(entry("a", f"a{i}", age_s=i) for i in range(10))
+    assert claim(queue, 3) == ["a0", "a1", "a2"]
+    queue.enqueue([entry("b", "b0"), entry("b", "b1", age_s=1)])
+    assert claim(queue, 1) == ["a3"]
+    queue.release(worker="w1", job_ids=["a3"])
+    assert claim(queue, 1) == ["b0"]
+    # w2 stops (unregisters): 4 slots, a share of 2, which A's 3 jobs are over. The sum is
+    # cached for a second.
+    queue.requeue(worker="w2")
+    redis_client.delete(f"{redis_prefix}:slots:total")
+    assert claim(queue, 1) == ["b1"]
+    assert redis_client.hkeys(f"{redis_prefix}:slots") == [b"w1"]

@@ -396,6 +396,14 @@ def test_progress_is_stored_and_broadcast_in_order(tenant: Tenant) -> None:
     assert progress == sorted(progress) and all(0 < p <= 100 for p in progress)
     assert all(u["status"] == "RUNNING" for u in updates[1:-1])
     assert "of 2500 ms" in updates[-2]["progressMessage"]
+    # The final frame keeps the last progress written, as the row and a replay do.
+    job.refresh_from_db()
+    final = updates[-1]
+    assert (final["progress"], final["progressMessage"]) == (
+        progress[-1],
+        updates[-2]["progressMessage"],
+    )
+    assert (job.progress, job.progress_message) == (final["progress"], final["progressMessage"])
 
 
 class ChattyPayload(BaseModel):
@@ -424,6 +432,7 @@ def test_chatty_progress_is_rate_limited(tenant: Tenant) -> None:
     assert updates[-1]["status"] == "COMPLETED"
     job.refresh_from_db()
     assert job.progress is not None and job.progress_message.startswith("step ")
+    assert updates[-1]["progressMessage"] == job.progress_message
 
 
 def test_worker_log_lines_carry_job_context(tenant: Tenant, caplog: Any) -> None:

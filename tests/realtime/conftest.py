@@ -24,6 +24,7 @@ from jobs.models import Job, JobStatus, Tenant
 from jobs.queue import close_async_queue
 from realtime.consumers import _jobs_updated_since
 from realtime.hub import close_hub
+from tests.support.users import create_operator
 
 Headers = Sequence[tuple[bytes, bytes]]
 
@@ -125,7 +126,8 @@ def session_cookie(user: AbstractBaseUser) -> tuple[bytes, bytes]:
 
 @pytest.fixture
 def staff_user(db: None) -> AbstractBaseUser:
-    return get_user_model().objects.create_user(username="operator", is_staff=True)
+    # Staff who may view jobs: the dashboard and staff sockets need that permission.
+    return create_operator()
 
 
 @pytest.fixture

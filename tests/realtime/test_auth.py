@@ -6,6 +6,8 @@ from typing import Any
 
 import pytest
 from channels.db import database_sync_to_async
+from django.conf import settings
+from django.test import Client
 from django.utils import timezone
 
 from jobs.models import ApiKey, Tenant
@@ -17,8 +19,10 @@ from tests.realtime.conftest import (
     communicator,
     open_ws,
     receive,
+    session_cookie,
     subscribe,
 )
+from tests.support.users import create_operator
 
 # Async code reads the database from another thread: rows must be committed.
 socket_db = pytest.mark.django_db(transaction=True)
@@ -246,3 +250,55 @@ def test_trusted_origins_as_django_csrf_has_them(settings: Any) -> None:
     assert origin_allowed(scope(host, (b"origin", b"https://dash.corp.example"))) is True
     assert origin_allowed(scope(host, (b"origin", b"http://ops.example.com"))) is False
     assert origin_allowed(scope(host, (b"origin", b"https://corp.example.evil"))) is False
+
+
+@socket_db
+async def test_staff_without_the_permission_to_view_jobs_refused(tenant: Tenant) -> None:
+    # is_staff opens the admin's door; reading every tenant's jobs needs jobs.view_job.
+    intern = await database_sync_to_async(create_operator)("intern", can_view_jobs=False)
+    cookie = await database_sync_to_async(session_cookie)(intern)
+    await assert_refused(headers=[cookie, (b"origin", ALLOWED_ORIGIN)])
+
+
+async def assert_closed_for_staff(comm: Any, within_s: float) -> None:
+    closed = await comm.receive_output(timeout=within_s)
+    assert closed == {
+        "type": "websocket.close",
+        "code": 4001,
+        "reason": "staff session ended or permission withdrawn",
+    }
+
+
+@socket_db
+@pytest.mark.parametrize("change", ["is_staff", "is_active", "permission"])
+async def test_an_open_staff_socket_is_closed_when_the_user_loses_staff_or_permission(
+    change: str, tenant: Tenant, staff_user: Any, staff_cookie: tuple[bytes, bytes]
+) -> None:
+    def withdraw() -> None:
+        if change == "permission":
+            staff_user.user_permissions.clear()
+        else:
+            setattr(staff_user, change, False)
+            staff_user.save()
+
+    async with open_ws(headers=[staff_cookie, (b"origin", ALLOWED_ORIGIN)]) as comm:
+        await subscribe(comm, "tenant-1")
+        await database_sync_to_async(withdraw)()
+        # Announced to every API process at once: no wait for the periodic re-check.
+        await assert_closed_for_staff(comm, within_s=2)
+
+
+@socket_db
+async def test_an_open_staff_socket_is_closed_after_logout(
+    tenant: Tenant, staff_user: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("realtime.consumers.STAFF_RECHECK_S", 0.3)
+    browser = Client()
+    await database_sync_to_async(browser.force_login)(staff_user)
+    name = settings.SESSION_COOKIE_NAME
+    cookie = (b"cookie", f"{name}={browser.cookies[name].value}".encode())
+    async with open_ws(headers=[cookie, (b"origin", ALLOWED_ORIGIN)]) as comm:
+        await subscribe(comm, "tenant-1")
+        response = await database_sync_to_async(browser.post)("/admin/logout/")
+        assert response.status_code == 200
+        await assert_closed_for_staff(comm, within_s=3)

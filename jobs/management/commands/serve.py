@@ -10,6 +10,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from config.env import env_bool, env_int, env_str
 from config.serve import ServeOptions, Supervisor, default_processes
+from jobs.metrics import log_metrics_access
 
 
 class Command(BaseCommand):
@@ -71,4 +72,5 @@ class Command(BaseCommand):
             grace_s=options["grace"],
             daphne_args=daphne_args,
         )
+        log_metrics_access()
         sys.exit(asyncio.run(Supervisor(serve_options).run()))
