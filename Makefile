@@ -12,8 +12,11 @@ uv:
 install: uv
 	@$(UV) sync --locked
 
+# `exec`: make's child is run.py itself, with no shell or `uv run` in between, so each stop
+# signal reaches it once: the terminal's Ctrl-C (sent to the whole group), the SIGTERM make
+# passes on, and a SIGINT sent to make alone (run.py watches for it: make does not pass it on).
 run: install
-	@$(UV) run python scripts/run.py
+	@exec "$${UV_PROJECT_ENVIRONMENT:-.venv}/bin/python" scripts/run.py
 
 test: install
 	@DATABASE_URL="$${DATABASE_URL:-$(TEST_DATABASE_URL)}" REDIS_URL="$${REDIS_URL:-$(TEST_REDIS_URL)}" \

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from django.core.exceptions import ImproperlyConfigured
 
-from config.logging import JsonFormatter, PlainFormatter, logging_config
+from config.logging import AccessLog, JsonFormatter, PlainFormatter, logging_config
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKER_CONTEXT = {
@@ -113,6 +113,50 @@ def test_log_format_defaults_to_plain() -> None:
     first = result.stderr.splitlines()[0]
     assert " WARNING jobs.worker handler raised boom [job_id=" in first
     assert "tenant=acme job_type=sleep attempt=2 worker=w-1]" in first
+
+
+# What Django's request handler does for a 4xx (django.utils.log.log_response).
+LOG_A_4XX = (
+    "import logging, sys; "
+    "logging.getLogger('django.request').warning('Bad Request: %s', '/jobs', "
+    "extra={'status_code': 400}); "
+    "logging.getLogger('django.request').info('below LOG_LEVEL'); "
+    "sys.stderr.flush()"
+)
+
+
+@pytest.mark.parametrize("log_format", ["plain", "json"])
+def test_a_4xx_is_logged_once_in_the_log_format(log_format: str) -> None:
+    # DEBUG on, as under `make run`: Django's own `django` handler printed it a second time.
+    result = manage("shell", "-v", "0", "-c", LOG_A_4XX, LOG_FORMAT=log_format, LOG_LEVEL="WARNING")
+
+    assert result.returncode == 0, result.stderr
+    [line] = result.stderr.splitlines()
+    if log_format == "json":
+        assert json.loads(line)["message"] == "Bad Request: /jobs"
+    else:
+        assert " WARNING django.request Bad Request: /jobs [status_code=400]" in line
+
+
+def test_the_access_log_is_a_log_line_with_the_request_as_fields(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    details = {"method": "POST", "path": "/jobs", "status": 201, "client": "127.0.0.1:50000"}
+
+    with caplog.at_level(logging.INFO, logger="config.access"):
+        AccessLog()("http", "complete", {**details, "size": 312, "time_taken": 0.0042})
+        AccessLog()("websocket", "connected", {"path": "/ws", "client": "127.0.0.1:50001"})
+
+    http, websocket = (json.loads(JsonFormatter().format(r)) for r in caplog.records)
+    assert {k: http[k] for k in ("logger", "message", "client", "status", "size")} == {
+        "logger": "config.access",
+        "message": "POST /jobs 201",
+        "client": "127.0.0.1:50000",
+        "status": 201,
+        "size": 312,
+    }
+    assert http["duration_ms"] == 4.2
+    assert (websocket["message"], websocket["client"]) == ("WSCONNECTED /ws", "127.0.0.1:50001")
 
 
 def test_an_unknown_log_format_is_refused() -> None:
