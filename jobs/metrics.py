@@ -1,5 +1,5 @@
 """Prometheus metrics, read at scrape time from counts kept as jobs change (jobs/counts.py in the
-database, jobs/events.py in Redis), so every API process reports the same numbers whichever
+database, jobs/counters.py in Redis), so every API process reports the same numbers whichever
 worker did the work, and a scrape costs the same with ten jobs or ten million.
 
 Who may read them: with JOBS_METRICS_TOKEN set, whoever sends it as a Bearer token; without it,
@@ -24,7 +24,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from jobs import events
+from jobs import counters
 from jobs.counts import job_counts
 from jobs.queue import sync_queue
 
@@ -101,7 +101,7 @@ class JobQueueCollector(Collector):
         yield from self._events(client, queue.prefix)
 
     def _events(self, client: redis.Redis, prefix: str) -> Iterator[Metric]:
-        """The counters and histograms every process adds to in Redis (jobs/events.py)."""
+        """The counters and histograms every process adds to in Redis (jobs/counters.py)."""
         pipe = client.pipeline(transaction=False)
         pipe.hgetall(f"{prefix}:metrics:events")
         pipe.hgetall(f"{prefix}:metrics:duration")
@@ -113,7 +113,7 @@ class JobQueueCollector(Collector):
                 f"Jobs {event}, by type and tenant",
                 labels=["type", "tenant"],
             )
-            for event in events.EVENTS
+            for event in counters.EVENTS
         }
         for field, value in sorted(counts.items()):
             event, job_type, tenant = field.decode().split("|", 2)
@@ -141,7 +141,7 @@ def _histogram(name: str, documentation: str, raw: dict[bytes, bytes]) -> Histog
         job_type, part = field.decode().rsplit("|", 1)
         by_type.setdefault(job_type, {})[part] = float(value)
     family = HistogramMetricFamily(name, documentation, labels=["type"])
-    bounds = [*(str(b) for b in events.BUCKETS), "+Inf"]
+    bounds = [*(str(b) for b in counters.BUCKETS), "+Inf"]
     for job_type, parts in sorted(by_type.items()):
         cumulative = 0.0
         buckets = []

@@ -20,7 +20,7 @@ from typing import Any
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from jobs import api_store, events
+from jobs import api_store, counters
 from jobs.email_budget import acheck_recipient_budget, check_recipient_budget
 from jobs.errors import ApiError, Conflict, NotFound
 from jobs.models import ApiKey, Job, JobStatus, Tenant
@@ -172,7 +172,7 @@ def announcement(
     return {
         "entries": [entry_for(job) for job in jobs] if push else [],
         "publish": update_messages(jobs, prefix),
-        "counters": events.event_increments(prefix, event, jobs) if event else [],
+        "counters": counters.event_increments(prefix, event, jobs) if event else [],
     }
 
 

@@ -27,7 +27,7 @@ from django.conf import settings
 from django.utils import timezone
 from pydantic import ValidationError
 
-from jobs import events, pg
+from jobs import counters, pg
 from jobs.handlers import JobContext, PermanentError, get_handler
 from jobs.models import Job, JobStatus
 from jobs.queue import Queue, entry_for, parse_claim
@@ -302,7 +302,7 @@ class Worker:
             self._running[str(job.id)] = RunningJob(job=job)
         await abroadcast(self.redis, jobs)
         if jobs:
-            await self._record_metrics(events.record_starts, jobs)
+            await self._record_metrics(counters.record_starts, jobs)
         for job in jobs:
             running = self._running[str(job.id)]
             running.task = asyncio.create_task(self._process_job(running), name=f"job-{job.id}")
@@ -480,7 +480,7 @@ class Worker:
                 self._log("retries not queued (%s)", exc, level=logging.WARNING)
         await abroadcast(self.redis, jobs)
         if count:
-            await self._record_metrics(events.record_outcomes, jobs, timezone.now())
+            await self._record_metrics(counters.record_outcomes, jobs, timezone.now())
 
     async def _record_metrics(self, record: Any, *args: Any) -> None:
         """Add to the Redis-kept counters (one pipelined round trip); never fails a job."""
@@ -622,7 +622,7 @@ class Worker:
             if pending:
                 await self.queue.enqueue(entry_for(job) for job in pending)
             await abroadcast(self.redis, recovered)
-            await self._record_metrics(events.record_outcomes, recovered, timezone.now())
+            await self._record_metrics(counters.record_outcomes, recovered, timezone.now())
             for job in recovered:
                 self._log("recovered from a dead worker -> %s", job.status, job=job)
         return len(recovered)

@@ -32,7 +32,7 @@ from typing import Any
 import redis
 from django.conf import settings
 
-from jobs.events import PROCESS_ID
+from jobs.counters import PROCESS_ID
 from jobs.queue import async_queue
 from realtime.hub import Hub
 

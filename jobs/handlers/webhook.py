@@ -32,7 +32,7 @@ from pydantic import (
     model_validator,
 )
 
-from jobs.handlers import netguard
+from jobs import netguard
 from jobs.handlers.registry import JobContext, PermanentError, register
 
 USER_AGENT = "jobqueue-webhook/1"

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from jobs.handlers import JobContext, PermanentError, get_handler
-from jobs.handlers.netguard import (
+from jobs.netguard import (
     AllowList,
     check_address,
     is_blocked,
