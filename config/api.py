@@ -25,7 +25,7 @@ from jobs.errors import ApiError
 from jobs.metrics import metrics_authorized, metrics_exposed, render_metrics
 from jobs.orm import orm
 from jobs.pg import DatabaseUnavailable
-from jobs.queue import sync_client
+from jobs.queue import sync_queue
 from jobs.schemas import ErrorOut, HealthOut, ReadyOut
 from jobs.validation import VALIDATION_FAILED, error_details
 
@@ -218,7 +218,7 @@ def _readiness() -> dict[str, str]:
     except Exception as exc:
         checks["database"] = f"down: {type(exc).__name__}"
     try:
-        sync_client().ping()
+        sync_queue().ping()
         checks["redis"] = "ok"
     except Exception as exc:
         checks["redis"] = f"down: {type(exc).__name__}"

@@ -19,18 +19,18 @@ from django.core.exceptions import PermissionDenied
 from django.dispatch import receiver
 from django.http import HttpRequest
 
-from jobs.queue import sync_client
+from jobs.queue import sync_queue
 
 logger = logging.getLogger(__name__)
 
 
-def _keys(request: HttpRequest | None, username: str | None) -> list[str]:
-    prefix = f"{settings.JOBS['REDIS_PREFIX']}:login"
-    keys = [f"{prefix}:user:{(username or '').strip().lower()[:150]}"]
-    address = request.META.get("REMOTE_ADDR") if request is not None else None
-    if address:
-        keys.append(f"{prefix}:addr:{address}")
-    return keys
+def _username(username: str | None) -> str:
+    """The user name as counted: one count whatever its case or surrounding spaces."""
+    return (username or "").strip().lower()[:150]
+
+
+def _address(request: HttpRequest | None) -> str | None:
+    return request.META.get("REMOTE_ADDR") if request is not None else None
 
 
 def is_locked(request: HttpRequest | None, username: str | None) -> bool:
@@ -38,11 +38,13 @@ def is_locked(request: HttpRequest | None, username: str | None) -> bool:
     if limit <= 0:
         return False
     try:
-        counts = sync_client().mget(_keys(request, username))
+        failures = sync_queue().login_failures(
+            username=_username(username), address=_address(request)
+        )
     except Exception as exc:
         logger.warning("login throttle not checked, Redis unavailable: %s", exc)
         return False
-    return any(count is not None and int(count) >= limit for count in counts)
+    return failures >= limit
 
 
 class ThrottledModelBackend(ModelBackend):
@@ -63,11 +65,11 @@ def count_failure(sender: Any, credentials: dict[str, Any], request: Any = None,
     if settings.JOBS["LOGIN_ATTEMPTS"] <= 0:
         return
     try:
-        pipe = sync_client().pipeline(transaction=False)
-        for key in _keys(request, credentials.get("username")):
-            pipe.incr(key)
-            pipe.expire(key, settings.JOBS["LOGIN_WINDOW_S"])
-        pipe.execute()
+        sync_queue().count_login_failure(
+            username=_username(credentials.get("username")),
+            address=_address(request),
+            window_s=settings.JOBS["LOGIN_WINDOW_S"],
+        )
     except Exception as exc:
         logger.warning("failed login not counted, Redis unavailable: %s", exc)
 
@@ -75,6 +77,6 @@ def count_failure(sender: Any, credentials: dict[str, Any], request: Any = None,
 @receiver(user_logged_in)
 def clear_failures(sender: Any, request: Any, user: Any, **kw: Any) -> None:
     try:
-        sync_client().delete(_keys(None, user.get_username())[0])
+        sync_queue().clear_login_failures(username=_username(user.get_username()))
     except Exception as exc:
         logger.warning("login count not cleared, Redis unavailable: %s", exc)

@@ -138,21 +138,18 @@ def workers_seen(*, now: datetime) -> tuple[list[WorkerRow], bool]:
         .annotate(n=Count("id"))
         .order_by()
     )
-    heartbeats: dict[str, float] = {}
+    heartbeats: dict[str, datetime] = {}
     redis_ok = True
     try:
-        queue = sync_queue()
-        for name, score in queue.client.zrange(queue.workers_key, 0, -1, withscores=True):
-            heartbeats[name.decode() if isinstance(name, bytes) else str(name)] = score
+        heartbeats = {beat.name: beat.last_seen for beat in sync_queue().worker_beats()}
     except Exception as exc:
         redis_ok = False
         logger.warning("dashboard: Redis unavailable for worker heartbeats (%s)", exc)
     lease_s = settings.JOBS["LEASE_S"]
-    now_ms = now.timestamp() * 1000
     rows = []
     for name in heartbeats.keys() | running.keys():
-        score = heartbeats.get(name)
-        age = None if score is None else max(0.0, (now_ms - score) / 1000)
+        seen = heartbeats.get(name)
+        age = None if seen is None else max(0.0, (now - seen).total_seconds())
         rows.append(
             WorkerRow(
                 name=name,

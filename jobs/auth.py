@@ -15,14 +15,13 @@ import time
 from dataclasses import dataclass
 
 import redis
-from django.conf import settings
 from django.db import transaction
 
 from jobs.models import Tenant
 from jobs.orm import orm
-from jobs.queue import sync_client
+from jobs.queue import sync_queue
 from jobs.services import API_KEY_RE, api_key_authenticate, hash_api_key
-from realtime.hub import Hub, auth_channel, running_hub
+from realtime.hub import Hub, running_hub
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +114,7 @@ def announce_auth_change(tenant_id: str) -> None:
 
     def publish() -> None:
         try:
-            sync_client().publish(auth_channel(settings.JOBS["REDIS_PREFIX"]), tenant_id)
+            sync_queue().announce_auth_change(tenant_id)
         except redis.RedisError as exc:
             # The cache's TTL is the backstop when the announcement cannot be made. Redis down
             # is an expected condition (a command run while `make run` is stopped): one line.

@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
-import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from typing import Any, Protocol
 
 import redis
@@ -21,7 +20,7 @@ from django.conf import settings
 
 from jobs.errors import ApiError
 from jobs.models import Tenant
-from jobs.queue import Queue, _lua, async_queue, sync_queue
+from jobs.queue import RecipientBudget, async_queue, parse_email_budget, sync_queue
 
 logger = logging.getLogger(__name__)
 
@@ -67,25 +66,18 @@ def _budget(recipients: int) -> int | None:
     return budget
 
 
-def _call(queue: Queue, *, tenant: Tenant, budget: int, recipients: int) -> Any:
-    script = queue.client.register_script(_lua("email_recipients"))
-    args = [queue.prefix, tenant.id, budget, recipients, WINDOW_MS, uuid.uuid4().hex]
-    return script(keys=[], args=args)
-
-
-def _enforce(answer: Sequence[Any], *, budget: int, recipients: int) -> None:
-    allowed, total, retry_ms = (int(value) for value in answer)
-    if not allowed:
+def _enforce(answer: RecipientBudget, *, budget: int, recipients: int) -> None:
+    if not answer.allowed:
         raise ApiError(
             429,
             "Email recipient budget exceeded",
             {
                 "recipientsPerHour": budget,
                 "recipients": recipients,
-                "remaining": max(0, budget - total),
-                "retryAfterMs": retry_ms,
+                "remaining": max(0, budget - answer.total),
+                "retryAfterMs": answer.retry_ms,
             },
-            headers={"Retry-After": str(max(1, math.ceil(retry_ms / 1000)))},
+            headers={"Retry-After": str(max(1, math.ceil(answer.retry_ms / 1000)))},
         )
 
 
@@ -104,7 +96,11 @@ def check_recipient_budget(*, tenant: Tenant, jobs: Iterable[TypedPayload]) -> N
     if budget is None:
         return
     try:
-        answer = _call(sync_queue(), tenant=tenant, budget=budget, recipients=recipients)
+        answer = parse_email_budget(
+            sync_queue().spend_email_recipients(
+                tenant=tenant.id, limit=budget, cost=recipients, window_ms=WINDOW_MS
+            )
+        )
     except (redis.ConnectionError, redis.TimeoutError) as exc:
         _unchecked(tenant, exc)
         return
@@ -118,7 +114,11 @@ async def acheck_recipient_budget(*, tenant: Tenant, jobs: Iterable[TypedPayload
     if budget is None:
         return
     try:
-        answer = await _call(async_queue(), tenant=tenant, budget=budget, recipients=recipients)
+        answer = parse_email_budget(
+            await async_queue().spend_email_recipients(
+                tenant=tenant.id, limit=budget, cost=recipients, window_ms=WINDOW_MS
+            )
+        )
     except (redis.ConnectionError, redis.TimeoutError) as exc:
         _unchecked(tenant, exc)
         return

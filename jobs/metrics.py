@@ -26,7 +26,7 @@ from prometheus_client.registry import Collector
 
 from jobs import counters
 from jobs.counts import job_counts
-from jobs.queue import sync_queue
+from jobs.queue import Queue, sync_queue
 
 logger = logging.getLogger(__name__)
 
@@ -68,17 +68,9 @@ class JobQueueCollector(Collector):
         yield jobs
 
         queue = sync_queue()
-        client = queue.client
         try:
-            tenants = [t.decode() for t in client.smembers(queue.key("active"))]
-            pipe = client.pipeline(transaction=False)
-            for tenant in tenants:
-                pipe.zcard(queue.key("ready", tenant))
-            pipe.zcard(queue.key("delayed"))
-            pipe.hvals(queue.key("running"))
-            cutoff = int((time.time() - settings.JOBS["LEASE_S"]) * 1000)
-            pipe.zcount(queue.workers_key, cutoff, "+inf")
-            *ready, delayed, running, workers = pipe.execute()
+            alive_since_ms = int((time.time() - settings.JOBS["LEASE_S"]) * 1000)
+            depths = queue.queue_depths(alive_since_ms=alive_since_ms)
         except redis.RedisError:
             # The database figures above still go out; the queue's are unknown while Redis is.
             yield GaugeMetricFamily("jobqueue_redis_up", "Redis answered this scrape", value=0)
@@ -88,25 +80,23 @@ class JobQueueCollector(Collector):
         depth = GaugeMetricFamily(
             "jobqueue_queue_depth", "Jobs in the Redis queue by state", labels=["state"]
         )
-        depth.add_metric(["ready"], sum(ready))
-        depth.add_metric(["delayed"], delayed)
-        depth.add_metric(["running"], sum(int(v) for v in running))
+        depth.add_metric(["ready"], depths.ready)
+        depth.add_metric(["delayed"], depths.delayed)
+        depth.add_metric(["running"], depths.running)
         yield depth
         yield GaugeMetricFamily(
-            "jobqueue_workers_alive", "Workers that heartbeated within the lease", value=workers
+            "jobqueue_workers_alive",
+            "Workers that heartbeated within the lease",
+            value=depths.workers_alive,
         )
         yield GaugeMetricFamily(
-            "jobqueue_tenants_ready", "Tenants with runnable jobs", value=len(tenants)
+            "jobqueue_tenants_ready", "Tenants with runnable jobs", value=depths.tenants_ready
         )
-        yield from self._events(client, queue.prefix)
+        yield from self._events(queue)
 
-    def _events(self, client: redis.Redis, prefix: str) -> Iterator[Metric]:
+    def _events(self, queue: Queue) -> Iterator[Metric]:
         """The counters and histograms every process adds to in Redis (jobs/counters.py)."""
-        pipe = client.pipeline(transaction=False)
-        pipe.hgetall(f"{prefix}:metrics:events")
-        pipe.hgetall(f"{prefix}:metrics:duration")
-        pipe.hgetall(f"{prefix}:metrics:wait")
-        counts, durations, waits = pipe.execute()
+        metrics = queue.job_event_metrics()
         families = {
             event: CounterMetricFamily(
                 f"jobqueue_jobs_{event}",
@@ -115,40 +105,38 @@ class JobQueueCollector(Collector):
             )
             for event in counters.EVENTS
         }
-        for field, value in sorted(counts.items()):
-            event, job_type, tenant = field.decode().split("|", 2)
-            if event in families:
-                families[event].add_metric([job_type, tenant], int(value))
+        for count in metrics.events:
+            if count.event in families:
+                families[count.event].add_metric([count.job_type, count.tenant], count.count)
         yield from families.values()
         yield _histogram(
-            "jobqueue_job_duration_seconds", "Time from start to outcome, by type", durations
+            "jobqueue_job_duration_seconds",
+            "Time from start to outcome, by type",
+            metrics.durations,
         )
         yield _histogram(
-            "jobqueue_job_queue_wait_seconds", "Time from due to start, by type", waits
+            "jobqueue_job_queue_wait_seconds", "Time from due to start, by type", metrics.waits
         )
         # Counted by each API process and summed over the live ones (realtime/limits.py).
-        from realtime.limits import open_connections_sync
-
-        ws = open_connections_sync(client, prefix)
         yield GaugeMetricFamily(
-            "jobqueue_websocket_connections", "Open WebSocket connections (all API processes)", ws
+            "jobqueue_websocket_connections",
+            "Open WebSocket connections (all API processes)",
+            queue.open_sockets(),
         )
 
 
-def _histogram(name: str, documentation: str, raw: dict[bytes, bytes]) -> HistogramMetricFamily:
-    by_type: dict[str, dict[str, float]] = {}
-    for field, value in raw.items():
-        job_type, part = field.decode().rsplit("|", 1)
-        by_type.setdefault(job_type, {})[part] = float(value)
+def _histogram(
+    name: str, documentation: str, histograms: list[counters.Histogram]
+) -> HistogramMetricFamily:
     family = HistogramMetricFamily(name, documentation, labels=["type"])
     bounds = [*(str(b) for b in counters.BUCKETS), "+Inf"]
-    for job_type, parts in sorted(by_type.items()):
+    for histogram in histograms:
         cumulative = 0.0
         buckets = []
-        for index, bound in enumerate(bounds):
-            cumulative += parts.get(str(index), 0.0)
+        for bound, observed in zip(bounds, histogram.buckets, strict=True):
+            cumulative += observed
             buckets.append((bound, cumulative))
-        family.add_metric([job_type], buckets, sum_value=parts.get("sum", 0.0))
+        family.add_metric([histogram.job_type], buckets, sum_value=histogram.sum)
     return family
 
 

@@ -1,8 +1,11 @@
-"""The Redis side of the queue: a fast, rebuildable index of what is runnable.
+"""The Redis side of the service, and the one module that knows Redis keys and commands.
 
-PostgreSQL is the source of truth; everything here can be lost and rebuilt by reconciliation.
-Key layout (P is `JOBS_REDIS_PREFIX`), documented in docs/architecture.md:
+PostgreSQL is the source of truth; the queue index here can be lost and rebuilt by
+reconciliation, the rest (limits, budgets, counters) is short-lived or advisory. Key layout
+(P is `JOBS_REDIS_PREFIX`), built by `Keys` here and by jobs/lua/_common.lua in the scripts,
+documented in docs/architecture.md:
 
+The queue index
     P:ready:{tenant}      ZSET  job id -> ready score (priority band, then enqueue time: FIFO)
     P:tenants             LIST  ring of tenants that have ready jobs (round robin)
     P:active              SET   tenants currently in the ring (each at most once)
@@ -10,25 +13,51 @@ Key layout (P is `JOBS_REDIS_PREFIX`), documented in docs/architecture.md:
     P:processing:{worker} HASH  job id -> "{tenant}|{ready score}" claimed by that worker
     P:running             HASH  tenant -> jobs claimed and not yet released (all workers)
     P:limits              HASH  tenant -> concurrency limit (absent: unlimited)
+Workers
     P:workers             ZSET  worker name -> last heartbeat (ms)
     P:slots               HASH  worker name -> its concurrency (the cluster's slots: their sum)
     P:slots:total         STRING the sum, cached by the claim script for one second
     P:wake                LIST  wake-up tokens for idle workers (BLPOP)
     P:cancel              pub/sub channel: ids of RUNNING jobs to cancel
     P:lock:{name}         STRING short-lived locks (reconciliation)
+Limits and budgets
     P:rate:{tenant}       STRING rate limit state (GCRA arrival time), expires when idle
+    P:email-recipients:{tenant}        ZSET "{token}:{recipients}" -> when accepted (ms)
+    P:email-recipients:{tenant}:total  STRING recipients in the tenant's window
+    P:replay:{tenant}     HASH  the tenant's bucket of WebSocket replay rows ("tokens", "at")
+    P:ws:procs            ZSET  API process -> when its socket counts expire (ms)
+    P:ws:proc:{process}   HASH  "total", "t:{tenant}", "k:{key digest}" -> open sockets
+    P:login:user:{name}   STRING failed logins of a user name in the throttle's window
+    P:login:addr:{address} STRING failed logins from a client address in that window
+Metrics (jobs/counters.py computes the fields; counters, so they never expire)
+    P:metrics:events      HASH  "{event}|{type}|{tenant}" -> count
+    P:metrics:duration    HASH  "{type}|{bucket}" -> count, "{type}|sum", "{type}|count"
+    P:metrics:wait        HASH  the same layout, for the time from runAt to start
 
-Every method returns what the redis client returns: a value for `redis.Redis`, an awaitable for
-`redis.asyncio.Redis`, so the API (sync) and the worker (async) share one implementation.
+The job update channels (P:updates:{tenant}) and P:auth belong to the realtime hub
+(realtime/hub.py), the process's one subscriber.
+
+Three kinds of methods, by who calls them:
+- the operations both the API (`redis.Redis`) and the worker (`redis.asyncio.Redis`) call
+  (`enqueue`, `claim`, `release`, `requeue`, `remove`, `beat`, `rate_limit`,
+  `spend_email_recipients`, ...) return what the client returns: a value, or an awaitable of
+  it. The `parse_*` functions next to them turn a reply into a typed result;
+- reads and writes only the API's synchronous code needs (`ready_counts`, `queue_depths`,
+  `worker_beats`, `job_event_metrics`, `open_sockets`, the login throttle) want a sync client
+  and return typed results;
+- what only a worker or the realtime path needs (`wait_for_wake`, `try_lock`, `dead_workers`,
+  `cancel_requests`, `record_starts`, `record_outcomes`, the socket counts, the replay budget)
+  are coroutines: they want an asyncio client.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterable
+import uuid
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -37,14 +66,18 @@ import redis
 import redis.asyncio as aioredis
 from django.conf import settings
 
+from jobs import counters
 from jobs.models import PRIORITY_MAX, PRIORITY_MIN, Job
+from realtime.hub import auth_channel
 
 LUA_DIR = Path(__file__).with_name("lua")
 # Ready scores order a tenant's jobs by priority band, then by creation time in microseconds
 # since SCORE_EPOCH. 21 bands x 4e14 us stays below 2**53, exact in a Redis double, until 2036.
 SCORE_EPOCH_US = 1_704_067_200_000_000  # 2024-01-01T00:00:00Z
 SCORE_BAND_US = 400_000_000_000_000
-WAKE_TOKENS_MAX = 256
+# Constants the scripts share, passed to them as arguments:
+WAKE_TOKENS_MAX = 256  # wake-up tokens waiting at most (enqueue, claim, requeue)
+CLAIM_TTL_S = 86_400  # a processing hash outlives its worker's last claim or heartbeat by this
 
 
 def ready_score(*, priority: int, created_at: datetime) -> int:
@@ -74,6 +107,7 @@ def entry_for(job: Job) -> QueueEntry:
     )
 
 
+# --- typed results ----------------------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
 class Claimed:
     """Ids a worker took from the ready sets, and when the next delayed job is due."""
@@ -82,48 +116,234 @@ class Claimed:
     next_due_ms: int | None
 
 
+@dataclass(frozen=True, slots=True)
+class RateDecision:
+    """The rate limit's answer: allowed, or how many ms until the same request would be."""
+
+    allowed: bool
+    retry_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class RecipientBudget:
+    """The email budget's answer: allowed, the recipients now in the tenant's window, and how
+    many ms until enough of them have left it (when refused)."""
+
+    allowed: bool
+    total: int
+    retry_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class QueueDepths:
+    """The whole queue at a glance (the /metrics gauges)."""
+
+    ready: int
+    delayed: int
+    running: int
+    workers_alive: int
+    tenants_ready: int
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerBeat:
+    """A registered worker and its last heartbeat."""
+
+    name: str
+    last_seen: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class CapReached:
+    """A socket refused: the counter (`t:{tenant}` or `k:{key digest}`) at its cap, and the
+    sockets open under it over every live API process."""
+
+    field: str
+    open: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayGrant:
+    """Rows granted from a replay budget, and ms until one is available again (if none was)."""
+
+    granted: int
+    retry_ms: int
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def parse_claim(raw: list[Any]) -> Claimed:
+    ids, next_due = raw
+    return Claimed(
+        job_ids=[_text(i) for i in ids],
+        next_due_ms=int(next_due) if next_due not in (None, b"", "", False, -1, b"-1") else None,
+    )
+
+
+def parse_rate_limit(raw: Sequence[Any]) -> RateDecision:
+    """The reply of `Queue.rate_limit`."""
+    allowed, retry_ms = raw
+    return RateDecision(allowed=bool(int(allowed)), retry_ms=int(retry_ms))
+
+
+def parse_email_budget(raw: Sequence[Any]) -> RecipientBudget:
+    """The reply of `Queue.spend_email_recipients`."""
+    allowed, total, retry_ms = (int(value) for value in raw)
+    return RecipientBudget(allowed=bool(allowed), total=total, retry_ms=retry_ms)
+
+
+# --- keys and scripts -------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Keys:
+    """Every key name of the layout above. The scripts build the same names from the prefix
+    (jobs/lua/_common.lua): change both together."""
+
+    prefix: str
+
+    def of(self, *parts: str) -> str:
+        return ":".join((self.prefix, *parts))
+
+    def ready(self, tenant: str) -> str:
+        return self.of("ready", tenant)
+
+    @property
+    def ring(self) -> str:
+        return self.of("tenants")
+
+    @property
+    def active(self) -> str:
+        return self.of("active")
+
+    @property
+    def delayed(self) -> str:
+        return self.of("delayed")
+
+    def processing(self, worker: str) -> str:
+        return self.of("processing", worker)
+
+    @property
+    def running(self) -> str:
+        return self.of("running")
+
+    @property
+    def limits(self) -> str:
+        return self.of("limits")
+
+    @property
+    def workers(self) -> str:
+        return self.of("workers")
+
+    @property
+    def slots(self) -> str:
+        return self.of("slots")
+
+    @property
+    def slots_total(self) -> str:
+        return self.of("slots", "total")
+
+    @property
+    def wake(self) -> str:
+        return self.of("wake")
+
+    @property
+    def cancel(self) -> str:
+        return self.of("cancel")
+
+    def lock(self, name: str) -> str:
+        return self.of("lock", name)
+
+    def rate(self, tenant: str) -> str:
+        return self.of("rate", tenant)
+
+    def email_recipients(self, tenant: str) -> str:
+        return self.of("email-recipients", tenant)
+
+    def email_recipients_total(self, tenant: str) -> str:
+        return self.of("email-recipients", tenant, "total")
+
+    def replay(self, tenant: str) -> str:
+        return self.of("replay", tenant)
+
+    @property
+    def ws_procs(self) -> str:
+        return self.of("ws", "procs")
+
+    def ws_proc(self, process: str) -> str:
+        return self.of("ws", "proc", process)
+
+    def metrics(self, name: counters.MetricHash) -> str:
+        return self.of("metrics", name)
+
+    def login_user(self, username: str) -> str:
+        return self.of("login", "user", username)
+
+    def login_addr(self, address: str) -> str:
+        return self.of("login", "addr", address)
+
+
 @cache
 def _lua(name: str) -> str:
     """A script's source with the shared helpers of `_common.lua` in front."""
     return (LUA_DIR / "_common.lua").read_text() + "\n" + (LUA_DIR / f"{name}.lua").read_text()
 
 
+def increments_of(keys: Keys, event: str, jobs: Iterable[Job]) -> list[tuple[str, str, int]]:
+    """(key, field, amount) HINCRBYs that count `event` for the jobs (`Queue.enqueue`'s
+    `counters`)."""
+    key = keys.metrics("events")
+    return [(key, name, n) for name, n in counters.event_fields(event, jobs).items()]
+
+
 class Queue:
-    """Operations on the Redis index, each one atomic (a Lua script or a single command)."""
+    """Operations on Redis, each one atomic (a Lua script, a single command or a MULTI) unless
+    it says otherwise."""
 
     def __init__(self, client: redis.Redis | aioredis.Redis, prefix: str | None = None) -> None:
         self.client = client
         self.prefix = prefix or settings.JOBS["REDIS_PREFIX"]
+        self.keys = Keys(self.prefix)
         self.fair_share: float = settings.JOBS["TENANT_FAIR_SHARE"]
         self.fair_share_reserve: int = settings.JOBS["TENANT_FAIR_SHARE_RESERVE"]
+        # The index's scripts, registered up front: a subclass may replace one (the FIFO
+        # baseline of bench/fairness.py). The others are registered on first use.
         self._enqueue = client.register_script(_lua("enqueue"))
         self._claim = client.register_script(_lua("claim"))
         self._release = client.register_script(_lua("release"))
         self._requeue = client.register_script(_lua("requeue"))
         self._remove = client.register_script(_lua("remove"))
         self._rate_limit = client.register_script(_lua("rate_limit"))
+        self._scripts: dict[str, Any] = {}
 
-    # --- keys ---------------------------------------------------------------------------------
+    def _script(self, name: str) -> Any:
+        """jobs/lua/{name}.lua on this client (EVALSHA; registered on first use)."""
+        script = self._scripts.get(name)
+        if script is None:
+            script = self._scripts[name] = self.client.register_script(_lua(name))
+        return script
+
+    # --- keys (for callers not yet moved to methods: the worker's files) ----------------------
     def key(self, *parts: str) -> str:
-        return ":".join((self.prefix, *parts))
+        return self.keys.of(*parts)
 
     @property
     def wake_key(self) -> str:
-        return self.key("wake")
+        return self.keys.wake
 
     @property
     def cancel_channel(self) -> str:
-        return self.key("cancel")
+        return self.keys.cancel
 
     @property
     def workers_key(self) -> str:
-        return self.key("workers")
+        return self.keys.workers
 
     @property
     def slots_key(self) -> str:
-        return self.key("slots")
+        return self.keys.slots
 
-    # --- producers ----------------------------------------------------------------------------
+    # --- producers (either client) ------------------------------------------------------------
     def enqueue(
         self,
         entries: Iterable[QueueEntry],
@@ -145,6 +365,10 @@ class Queue:
             args.extend((key, field, amount))
         return self._enqueue(keys=[], args=args)
 
+    def event_increments(self, event: str, jobs: Iterable[Job]) -> list[tuple[str, str, int]]:
+        """The `counters` argument of `enqueue` that counts `event` for the jobs."""
+        return increments_of(self.keys, event, jobs)
+
     def remove(self, entries: Iterable[QueueEntry]) -> Any:
         """Take jobs out of the ready and delayed sets (a cancelled job never runs)."""
         args: list[str | int] = [self.prefix]
@@ -153,38 +377,52 @@ class Queue:
         return self._remove(keys=[], args=args)
 
     def rate_limit(self, *, tenant: str, rate: int, burst: int, cost: int) -> Any:
-        """GCRA for job creation: returns [allowed (1/0), ms until `cost` would be allowed]."""
+        """GCRA for job creation: returns [allowed (1/0), ms until `cost` would be allowed]
+        (`parse_rate_limit`)."""
         return self._rate_limit(keys=[], args=[self.prefix, tenant, rate, burst, cost])
 
+    def spend_email_recipients(self, *, tenant: str, limit: int, cost: int, window_ms: int) -> Any:
+        """Add `cost` recipients to the tenant's sliding window if its total stays within
+        `limit`: returns [allowed, total, retry ms] (`parse_email_budget`)."""
+        args = [self.prefix, tenant, limit, cost, window_ms, uuid.uuid4().hex]
+        return self._script("email_recipients")(keys=[], args=args)
+
     def publish_cancel(self, job_id: str) -> Any:
-        return self.client.publish(self.cancel_channel, job_id)
+        return self.client.publish(self.keys.cancel, job_id)
+
+    def announce_auth_change(self, tenant_id: str) -> Any:
+        """Tell every API process's hub (P:auth) that a tenant's keys or settings changed."""
+        return self.client.publish(auth_channel(self.prefix), tenant_id)
+
+    def ping(self) -> Any:
+        return self.client.ping()
 
     def set_tenant_limit(self, tenant: str, limit: int | None) -> Any:
         if limit is None:
-            return self.client.hdel(self.key("limits"), tenant)
-        return self.client.hset(self.key("limits"), tenant, limit)
+            return self.client.hdel(self.keys.limits, tenant)
+        return self.client.hset(self.keys.limits, tenant, limit)
 
     def replace_tenant_limits(self, limits: dict[str, int]) -> Any:
         """Make the limits hash equal to `limits` (tenant -> max jobs running), atomically."""
         pipe = self.client.pipeline(transaction=True)
-        pipe.delete(self.key("limits"))
+        pipe.delete(self.keys.limits)
         if limits:
-            pipe.hset(self.key("limits"), mapping=limits)
+            pipe.hset(self.keys.limits, mapping=limits)
         return pipe.execute()
 
-    # --- workers ------------------------------------------------------------------------------
+    # --- workers (either client) --------------------------------------------------------------
     def beat(self, *, worker: str, slots: int) -> Any:
         """Mark a worker alive now with its concurrency (its part of the cluster's slots, which
         fair shares are taken of), and keep its claims from expiring: one round trip."""
         pipe = self.client.pipeline(transaction=True)
-        pipe.zadd(self.workers_key, {worker: int(time.time() * 1000)})
-        pipe.hset(self.slots_key, worker, slots)
-        pipe.expire(self.key("processing", worker), 86400)
+        pipe.zadd(self.keys.workers, {worker: int(time.time() * 1000)})
+        pipe.hset(self.keys.slots, worker, slots)
+        pipe.expire(self.keys.processing(worker), CLAIM_TTL_S)
         return pipe.execute()
 
     def claim(self, *, worker: str, count: int) -> Any:
         """Take up to `count` ids, one tenant per turn round robin, a tenant over its fair share
-        only when no other tenant yields a job; due delayed jobs first move."""
+        only when no other tenant yields a job; due delayed jobs first move (`parse_claim`)."""
         return self._claim(
             keys=[],
             args=[
@@ -194,6 +432,7 @@ class Queue:
                 WAKE_TOKENS_MAX,
                 self.fair_share,
                 self.fair_share_reserve,
+                CLAIM_TTL_S,
             ],
         )
 
@@ -203,18 +442,167 @@ class Queue:
 
     def requeue(self, *, worker: str, job_ids: Iterable[str] | None = None) -> Any:
         """Put a worker's claimed ids back in the ready sets: all of them if `job_ids` is None."""
-        ids = list(job_ids) if job_ids is not None else []
-        return self._requeue(
-            keys=[], args=[self.prefix, worker, "all" if job_ids is None else "some", *ids]
+        mode, ids = ("all", []) if job_ids is None else ("some", list(job_ids))
+        return self._requeue(keys=[], args=[self.prefix, worker, mode, *ids, WAKE_TOKENS_MAX])
+
+    # --- workers (asyncio client) -------------------------------------------------------------
+    async def wait_for_wake(self, timeout_s: float) -> bool:
+        """Block until a wake-up token arrives or `timeout_s` passes; True if one was taken."""
+        # BLPOP's timeout has a resolution of 1 ms in Redis >= 6 (0 would block for ever).
+        return await self.client.blpop([self.keys.wake], timeout=max(timeout_s, 0.001)) is not None
+
+    async def try_lock(self, name: str, *, owner: str, ttl_s: float) -> bool:
+        """Take the lock `name` for `ttl_s` unless someone holds it (it is never released: it
+        expires)."""
+        px = max(1, int(ttl_s * 1000))
+        return bool(await self.client.set(self.keys.lock(name), owner, nx=True, px=px))
+
+    async def dead_workers(self, *, silent_since_ms: int) -> list[str]:
+        """Registered workers whose last heartbeat is at or before `silent_since_ms`."""
+        names = await self.client.zrangebyscore(self.keys.workers, "-inf", silent_since_ms)
+        return [_text(name) for name in names]
+
+    async def cancel_requests(self) -> AsyncIterator[str]:
+        """Ids of RUNNING jobs the API asks to cancel, as they are published (not those published
+        before the subscription). Its own connection, closed when the iteration ends (use
+        `contextlib.aclosing` to end it early); connection errors propagate, the caller
+        subscribes again."""
+        pubsub = self.client.pubsub()
+        try:
+            await pubsub.subscribe(self.keys.cancel)
+            async for message in pubsub.listen():
+                if message.get("type") == "message":
+                    yield _text(message["data"])
+        finally:
+            await pubsub.aclose()
+
+    async def record_starts(self, jobs: Sequence[Job]) -> None:
+        """Time how long each claimed job waited from due to start (one pipelined round trip)."""
+        await self._add(counters.start_increments(jobs))
+
+    async def record_outcomes(self, jobs: Sequence[Job], now: datetime) -> None:
+        """Count written outcomes (completed, failed, retried, cancelled) and time the finished
+        attempts (one pipelined round trip)."""
+        await self._add(counters.outcome_increments(jobs, now))
+
+    async def _add(self, increments: counters.Increments) -> None:
+        if not increments:
+            return
+        pipe = self.client.pipeline(transaction=False)
+        for (metric, name), amount in increments.counts.items():
+            pipe.hincrby(self.keys.metrics(metric), name, amount)
+        for (metric, name), amount in increments.sums.items():
+            pipe.hincrbyfloat(self.keys.metrics(metric), name, amount)
+        await pipe.execute()
+
+    # --- reads for the API, the admin, the dashboard and /metrics (sync client) ---------------
+    def ready_counts(self, tenant_ids: Sequence[str]) -> dict[str, int]:
+        """Jobs in each tenant's ready set (one round trip)."""
+        pipe = self.client.pipeline(transaction=False)
+        for tenant_id in tenant_ids:
+            pipe.zcard(self.keys.ready(tenant_id))
+        return dict(zip(tenant_ids, (int(n) for n in pipe.execute()), strict=True))
+
+    def queue_depths(self, *, alive_since_ms: int) -> QueueDepths:
+        """Jobs ready, delayed and claimed, workers that beat at or after `alive_since_ms`, and
+        tenants with ready jobs (two round trips)."""
+        tenants = [_text(t) for t in self.client.smembers(self.keys.active)]
+        pipe = self.client.pipeline(transaction=False)
+        for tenant in tenants:
+            pipe.zcard(self.keys.ready(tenant))
+        pipe.zcard(self.keys.delayed)
+        pipe.hvals(self.keys.running)
+        pipe.zcount(self.keys.workers, alive_since_ms, "+inf")
+        *ready, delayed, running, workers = pipe.execute()
+        return QueueDepths(
+            ready=sum(ready),
+            delayed=int(delayed),
+            running=sum(int(n) for n in running),
+            workers_alive=int(workers),
+            tenants_ready=len(tenants),
         )
 
+    def worker_beats(self) -> list[WorkerBeat]:
+        """Every registered worker with its last heartbeat, oldest first."""
+        return [
+            WorkerBeat(name=_text(name), last_seen=datetime.fromtimestamp(score / 1000, UTC))
+            for name, score in self.client.zrange(self.keys.workers, 0, -1, withscores=True)
+        ]
 
-def parse_claim(raw: list[Any]) -> Claimed:
-    ids, next_due = raw
-    return Claimed(
-        job_ids=[i.decode() if isinstance(i, bytes) else str(i) for i in ids],
-        next_due_ms=int(next_due) if next_due not in (None, b"", "", False, -1, b"-1") else None,
-    )
+    def job_event_metrics(self) -> counters.EventMetrics:
+        """The counters and histograms every process adds to (one round trip)."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hgetall(self.keys.metrics("events"))
+        pipe.hgetall(self.keys.metrics("duration"))
+        pipe.hgetall(self.keys.metrics("wait"))
+        events, durations, waits = pipe.execute()
+        return counters.EventMetrics(
+            events=counters.parse_events(events),
+            durations=counters.parse_histograms(durations),
+            waits=counters.parse_histograms(waits),
+        )
+
+    def open_sockets(self) -> int:
+        """Open WebSockets over every live API process."""
+        return int(self._script("ws_count")(keys=[], args=[self.prefix, "total"]))
+
+    # --- login throttle (sync client) ---------------------------------------------------------
+    def login_failures(self, *, username: str, address: str | None) -> int:
+        """Failed logins counted in the window for the user name or the client address,
+        whichever has more."""
+        counts = self.client.mget(self._login_keys(username, address))
+        return max((int(count) for count in counts if count is not None), default=0)
+
+    def count_login_failure(self, *, username: str, address: str | None, window_s: int) -> None:
+        """Count a failed login for the user name and the address, each for `window_s` from
+        now (one round trip)."""
+        pipe = self.client.pipeline(transaction=False)
+        for key in self._login_keys(username, address):
+            pipe.incr(key)
+            pipe.expire(key, window_s)
+        pipe.execute()
+
+    def clear_login_failures(self, *, username: str) -> None:
+        """Forget the failed logins of a user name (not those of the addresses it came from)."""
+        self.client.delete(self.keys.login_user(username))
+
+    def _login_keys(self, username: str, address: str | None) -> list[str]:
+        keys = [self.keys.login_user(username)]
+        if address:
+            keys.append(self.keys.login_addr(address))
+        return keys
+
+    # --- realtime: open sockets and replay budget (asyncio client) ----------------------------
+    async def admit_socket(
+        self, *, process: str, ttl_ms: int, tenant_cap: int, key_cap: int, fields: Sequence[str]
+    ) -> CapReached | None:
+        """Count a socket under `fields` in `process`'s counts (which live `ttl_ms`), unless a
+        field's sum over the live processes is at its cap (0: none): then say which."""
+        admitted, *refused = await self._script("ws_admit")(
+            keys=[], args=[self.prefix, process, ttl_ms, tenant_cap, key_cap, *fields]
+        )
+        if admitted:
+            return None
+        return CapReached(field=_text(refused[0]), open=int(refused[1]))
+
+    async def release_socket(self, *, process: str, fields: Sequence[str]) -> None:
+        """Stop counting a closed socket under `fields` ("total" included)."""
+        await self._script("ws_release")(keys=[], args=[self.prefix, process, *fields])
+
+    async def sync_sockets(self, *, process: str, ttl_ms: int, counts: Mapping[str, int]) -> None:
+        """Replace `process`'s counts by `counts` for `ttl_ms` (none: forget the process)."""
+        pairs = [str(part) for item in counts.items() for part in item]
+        await self._script("ws_sync")(keys=[], args=[self.prefix, process, ttl_ms, *pairs])
+
+    async def take_replay_rows(
+        self, *, tenant: str, rate: int, burst: int, wanted: int
+    ) -> ReplayGrant:
+        """Take up to `wanted` rows from the tenant's bucket (`burst` rows, refilled at `rate`
+        per second); a negative `wanted` gives rows back."""
+        granted, retry_ms = await self._script("replay_budget")(
+            keys=[], args=[self.prefix, tenant, rate, burst, wanted]
+        )
+        return ReplayGrant(granted=int(granted), retry_ms=int(retry_ms))
 
 
 @cache

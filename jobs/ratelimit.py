@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any
 
 from django.conf import settings
 
 from jobs.errors import ApiError
 from jobs.models import Tenant
-from jobs.queue import async_queue, sync_queue
+from jobs.queue import RateDecision, async_queue, parse_rate_limit, sync_queue
 
 logger = logging.getLogger(__name__)
 
@@ -38,13 +37,13 @@ def _limits(tenant: Tenant, jobs: int) -> tuple[int, int] | None:
     return rate, burst
 
 
-def _enforce(allowed: Any, retry_ms: Any, rate: int) -> None:
-    if not allowed:
-        retry_s = max(1, math.ceil(int(retry_ms) / 1000))
+def _enforce(decision: RateDecision, rate: int) -> None:
+    if not decision.allowed:
+        retry_s = max(1, math.ceil(decision.retry_ms / 1000))
         raise ApiError(
             429,
             "Rate limit exceeded",
-            {"ratePerSecond": rate, "retryAfterMs": int(retry_ms)},
+            {"ratePerSecond": rate, "retryAfterMs": decision.retry_ms},
             headers={"Retry-After": str(retry_s)},
         )
 
@@ -60,13 +59,13 @@ def check_rate_limit(*, tenant: Tenant, jobs: int) -> None:
         return
     rate, burst = limits
     try:
-        allowed, retry_ms = sync_queue().rate_limit(
-            tenant=tenant.id, rate=rate, burst=burst, cost=jobs
+        decision = parse_rate_limit(
+            sync_queue().rate_limit(tenant=tenant.id, rate=rate, burst=burst, cost=jobs)
         )
     except Exception as exc:
         logger.warning("rate limit not checked, Redis unavailable tenant=%s: %s", tenant.id, exc)
         return
-    _enforce(allowed, retry_ms, rate)
+    _enforce(decision, rate)
 
 
 async def acheck_rate_limit(*, tenant: Tenant, jobs: int) -> None:
@@ -76,10 +75,10 @@ async def acheck_rate_limit(*, tenant: Tenant, jobs: int) -> None:
         return
     rate, burst = limits
     try:
-        allowed, retry_ms = await async_queue().rate_limit(
-            tenant=tenant.id, rate=rate, burst=burst, cost=jobs
+        decision = parse_rate_limit(
+            await async_queue().rate_limit(tenant=tenant.id, rate=rate, burst=burst, cost=jobs)
         )
     except Exception as exc:
         logger.warning("rate limit not checked, Redis unavailable tenant=%s: %s", tenant.id, exc)
         return
-    _enforce(allowed, retry_ms, rate)
+    _enforce(decision, rate)

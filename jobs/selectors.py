@@ -88,20 +88,18 @@ def tenant_queue_depths(*, tenant_ids: Sequence[str]) -> dict[str, QueueDepth]:
         .annotate(n=Count("id"))
         .order_by()
     )
-    ready: list[int | None] = [None] * len(tenant_ids)
+    ready: dict[str, int] | None = None
     try:
-        queue = sync_queue()
-        pipe = queue.client.pipeline(transaction=False)
-        for tenant_id in tenant_ids:
-            pipe.zcard(queue.key("ready", tenant_id))
-        ready = list(pipe.execute())
+        ready = sync_queue().ready_counts(tenant_ids)
     except Exception as exc:
         logger.warning("queue depth: Redis unavailable (%s)", exc)
     return {
         tenant_id: QueueDepth(
-            ready=ready[i], delayed=delayed.get(tenant_id, 0), running=running.get(tenant_id, 0)
+            ready=None if ready is None else ready[tenant_id],
+            delayed=delayed.get(tenant_id, 0),
+            running=running.get(tenant_id, 0),
         )
-        for i, tenant_id in enumerate(tenant_ids)
+        for tenant_id in tenant_ids
     }
 
 

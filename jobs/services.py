@@ -20,15 +20,14 @@ from typing import Any
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from jobs import api_store, counters
+from jobs import api_store, lifecycle
 from jobs.email_budget import acheck_recipient_budget, check_recipient_budget
 from jobs.errors import ApiError, Conflict, NotFound
 from jobs.models import ApiKey, Job, JobStatus, Tenant
 from jobs.orm import orm
-from jobs.queue import async_queue, entry_for, sync_queue
+from jobs.queue import sync_queue
 from jobs.ratelimit import acheck_rate_limit, check_rate_limit
 from jobs.selectors import IDEMPOTENCY_WINDOW
-from realtime.broadcast import update_messages
 
 logger = logging.getLogger(__name__)
 
@@ -144,53 +143,6 @@ class JobSpec:
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
-def announce(jobs: Sequence[Job], *, push: bool, event: str | None = None) -> None:
-    """After commit: index the jobs in Redis (if `push`), broadcast their state and count
-    `event`, in one round trip. A failure is logged, not raised: the rows are durable, the
-    worker's reconciliation scan pushes them once Redis answers again, and subscribers catch up
-    with `since`."""
-    if not jobs:
-        return
-    queue = sync_queue()
-    try:
-        queue.enqueue(**announcement(queue.prefix, jobs, push=push, event=event))
-    except Exception:
-        _announce_failed(jobs)
-
-
-def _announce_failed(jobs: Sequence[Job]) -> None:
-    logger.exception(
-        "announcing jobs to Redis failed; reconciliation will requeue job_ids=%s",
-        ",".join(str(j.id) for j in jobs[:10]),
-    )
-
-
-def announcement(
-    prefix: str, jobs: Sequence[Job], *, push: bool, event: str | None
-) -> dict[str, Any]:
-    """The arguments of `Queue.enqueue` that index, broadcast and count the jobs."""
-    return {
-        "entries": [entry_for(job) for job in jobs] if push else [],
-        "publish": update_messages(jobs, prefix),
-        "counters": counters.event_increments(prefix, event, jobs) if event else [],
-    }
-
-
-async def aannounce(jobs: Sequence[Job], *, push: bool, event: str | None = None) -> None:
-    """`announce` on the event loop's Redis client."""
-    if not jobs:
-        return
-    queue = async_queue()
-    try:
-        await queue.enqueue(**announcement(queue.prefix, jobs, push=push, event=event))
-    except Exception:
-        _announce_failed(jobs)
-
-
-def _after_commit(jobs: Sequence[Job], *, push: bool, event: str | None = None) -> None:
-    transaction.on_commit(lambda: announce(jobs, push=push, event=event))
-
-
 def _new_job(*, tenant: Tenant, spec: JobSpec, now: datetime, idempotency_key: str | None) -> Job:
     values = {
         "id": uuid.uuid4(),
@@ -246,7 +198,7 @@ def job_enqueue(
             check_recipient_budget(tenant=tenant, jobs=[spec])
         with transaction.atomic():
             job.save(force_insert=True)
-            _after_commit([job], push=True, event="created")
+            lifecycle.publish_on_commit([job], event=lifecycle.CREATED)
         return job, True
 
     for attempt in range(3):
@@ -265,7 +217,7 @@ def job_enqueue(
         try:
             with transaction.atomic():
                 job.save(force_insert=True)
-                _after_commit([job], push=True, event="created")
+                lifecycle.publish_on_commit([job], event=lifecycle.CREATED)
             return job, True
         except IntegrityError:
             # A concurrent request with the same key won the insert: read its job.
@@ -287,7 +239,7 @@ async def ajob_enqueue(
         await acheck_rate_limit(tenant=tenant, jobs=1)
         await acheck_recipient_budget(tenant=tenant, jobs=[spec])
         await api_store.insert_job(job)
-        await aannounce([job], push=True, event="created")
+        await lifecycle.apublish([job], event=lifecycle.CREATED)
         return job, True
 
     for attempt in range(3):
@@ -302,7 +254,7 @@ async def ajob_enqueue(
             await acheck_rate_limit(tenant=tenant, jobs=1)
             await acheck_recipient_budget(tenant=tenant, jobs=[spec])
         if await api_store.insert_idempotent(job):
-            await aannounce([job], push=True, event="created")
+            await lifecycle.apublish([job], event=lifecycle.CREATED)
             return job, True
     raise ApiError(409, CONCURRENT_KEY)
 
@@ -328,7 +280,7 @@ def job_enqueue_batch(
     jobs = _new_batch(tenant=tenant, specs=specs)
     with transaction.atomic():
         Job.objects.bulk_create(jobs, batch_size=500)
-        _after_commit(jobs, push=True, event="created")
+        lifecycle.publish_on_commit(jobs, event=lifecycle.CREATED)
     return jobs
 
 
@@ -340,7 +292,7 @@ async def ajob_enqueue_batch(*, tenant: Tenant, specs: Sequence[JobSpec]) -> lis
     await acheck_recipient_budget(tenant=tenant, jobs=specs)
     jobs = _new_batch(tenant=tenant, specs=specs)
     await api_store.insert_jobs(jobs)
-    await aannounce(jobs, push=True, event="created")
+    await lifecycle.apublish(jobs, event=lifecycle.CREATED)
     return jobs
 
 
@@ -360,40 +312,7 @@ def job_cancel(*, tenant: Tenant, job_id: uuid.UUID, rate_limited: bool = False)
         job = _locked_job(tenant=tenant, job_id=job_id)
         if job.status not in (JobStatus.PENDING, JobStatus.RUNNING):
             raise Conflict(f"a {job.status} job cannot be cancelled", {"status": job.status})
-        was_running = job.status == JobStatus.RUNNING
-        now = timezone.now()
-        job.status = JobStatus.CANCELLED
-        job.finished_at = now
-        job.updated_at = now
-        job.error = "cancelled"
-        # Clearing the lease fences out the worker: its final write will match no row.
-        job.lease_token = None
-        job.lease_expires_at = None
-        job.save(
-            update_fields=[
-                "status",
-                "finished_at",
-                "updated_at",
-                "error",
-                "lease_token",
-                "lease_expires_at",
-            ]
-        )
-
-        def after() -> None:
-            try:
-                queue = sync_queue()
-                if was_running:
-                    queue.publish_cancel(str(job.id))
-                else:
-                    queue.remove([entry_for(job)])
-            except Exception:
-                # A PENDING id left in Redis is harmless: the claim's compare-and-set skips it.
-                logger.exception("cancel signal to Redis failed job_id=%s", job.id)
-            announce([job], push=False, event="cancelled")
-
-        transaction.on_commit(after)
-    return job
+        return lifecycle.cancel(job)
 
 
 def job_retry(*, tenant: Tenant, job_id: uuid.UUID, rate_limited: bool = False) -> Job:
@@ -409,28 +328,4 @@ def job_retry(*, tenant: Tenant, job_id: uuid.UUID, rate_limited: bool = False) 
             raise Conflict(f"a {job.status} job cannot be retried", {"status": job.status})
         if rate_limited:
             check_recipient_budget(tenant=tenant, jobs=[job])
-        now = timezone.now()
-        job.status = JobStatus.PENDING
-        job.attempts = 0
-        job.error = None
-        job.result = None
-        job.run_at = now
-        job.started_at = None
-        job.finished_at = None
-        job.updated_at = now
-        job.locked_by = None
-        job.save(
-            update_fields=[
-                "status",
-                "attempts",
-                "error",
-                "result",
-                "run_at",
-                "started_at",
-                "finished_at",
-                "updated_at",
-                "locked_by",
-            ]
-        )
-        _after_commit([job], push=True)
-    return job
+        return lifecycle.retry(job)

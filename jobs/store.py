@@ -1,4 +1,6 @@
-"""The worker's view of PostgreSQL: claims and fenced state writes, run off the event loop.
+"""Job rows as the transitions of jobs/lifecycle.py write them: claims and fenced writes, on
+PostgreSQL in one statement from the event loop (psycopg's pool), elsewhere through the ORM in a
+small thread pool. What to write is decided by the lifecycle; this module only writes it.
 
 Every write of an attempt is fenced by the claim's lease token: a worker whose lease was taken
 over (presumed dead, job recovered, or job cancelled) matches no row and writes nothing.
@@ -11,15 +13,13 @@ import contextlib
 import copy
 import json
 import logging
-import random
 import threading
 import uuid
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import partial
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import psycopg
 from django.conf import settings
@@ -31,6 +31,9 @@ from jobs import pg
 from jobs.api_store import COLUMNS, job_from_row
 from jobs.models import Job, JobStatus, Tenant
 
+if TYPE_CHECKING:
+    from jobs.lifecycle import RetryPolicy
+
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -39,23 +42,8 @@ CLOCK_TOLERANCE = timedelta(milliseconds=500)
 READABLE_SINCE = datetime(1, 1, 2, tzinfo=UTC)
 
 
-def retry_delay(*, attempt: int, base_ms: int, max_ms: int) -> timedelta:
-    """Exponential backoff with full jitter: uniform in [0, min(max, base * 2**(attempt-1))]."""
-    ceiling = min(max_ms, base_ms * (2 ** max(0, min(attempt - 1, 40))))
-    return timedelta(milliseconds=random.uniform(0, ceiling))
-
-
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """The result of one attempt, as the worker hands it to the store."""
-
-    result: Any = None
-    error: str | None = None
-    permanent: bool = False
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
+# Planned writes: a job and the columns its transition sets.
+Planned = list[tuple[Job, dict[str, Any]]]
 
 
 def _run(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -102,26 +90,26 @@ class JobStore:
             return await aclaim_jobs(job_ids=job_ids, worker=worker)
         return await self.call(claim_jobs, job_ids=job_ids, worker=worker)
 
-    async def finish_many(self, *, items: list[tuple[Job, Outcome]]) -> list[Job | None]:
+    async def write_outcomes(self, *, planned: Planned) -> list[Job | None]:
         """Write several attempts' outcomes in one transaction (one commit); None where the
         lease was lost. On PostgreSQL one statement on the event loop's pool."""
         if pg.is_postgresql():
-            return await afinish_jobs(items=items)
-        return await self.call(finish_jobs, items=items)
+            return await awrite_outcomes(planned=planned)
+        return await self.call(write_outcomes, planned=planned)
 
     async def set_progress(self, *, job: Job, percent: int, message: str | None) -> Job | None:
         """Store the attempt's progress (fenced by its lease); None if the lease was lost."""
         return await self.call(set_job_progress, job=job, percent=percent, message=message)
 
-    async def put_back(self, *, job: Job) -> Job | None:
-        """Return a job the worker did not finish (shutdown) to PENDING, attempt not counted."""
-        return await self.call(put_back_job, job=job)
+    async def write_fenced(self, *, job: Job, fields: dict[str, Any]) -> Job | None:
+        """Write `fields` on the job if this worker still holds its lease; None if not."""
+        return await self.call(write_fenced, job=job, fields=fields)
 
     async def heartbeat(self, *, worker: str, job_ids: list[str]) -> int:
         return await self.call(renew_leases, worker=worker, job_ids=job_ids)
 
-    async def recover_expired(self, *, limit: int = 500) -> list[Job]:
-        return await self.call(recover_expired_leases, limit=limit)
+    async def recover_expired(self, *, policy: RetryPolicy, limit: int = 500) -> list[Job]:
+        return await self.call(recover_expired_leases, policy=policy, limit=limit)
 
     async def pending(self, *, after: datetime | None, horizon: datetime, limit: int) -> list[Job]:
         return await self.call(pending_jobs, after=after, horizon=horizon, limit=limit)
@@ -138,51 +126,58 @@ def _lease() -> timedelta:
     return timedelta(seconds=settings.JOBS["LEASE_S"])
 
 
+def claim_fields(*, worker: str, token: uuid.UUID, now: datetime) -> dict[str, Any]:
+    """The columns a claim sets, besides one more attempt: the one list both paths write."""
+    return {
+        "status": JobStatus.RUNNING,
+        "locked_by": worker,
+        "lease_token": token,
+        "lease_expires_at": now + _lease(),
+        "started_at": now,
+        "updated_at": now,
+        "progress": None,
+        "progress_message": None,
+    }
+
+
 def claim_jobs(*, job_ids: list[str], worker: str) -> list[Job]:
     if not job_ids:
         return []
-    token = uuid.uuid4()
-    now = timezone.now()
+    token, now = uuid.uuid4(), timezone.now()
     if connection.vendor == "postgresql":
-        return _claim_in_one_statement(job_ids=job_ids, worker=worker, token=token, now=now)
+        sql, params = _claim_statement(job_ids=job_ids, worker=worker, token=token, now=now)
+        return list(Job.objects.raw(sql, params))
+    return claim_with_orm(job_ids=job_ids, worker=worker, token=token, now=now)
+
+
+def claim_with_orm(
+    *, job_ids: list[str], worker: str, token: uuid.UUID, now: datetime
+) -> list[Job]:
+    """The claim on a database without the statement (SQLite): the same columns, two queries."""
     with transaction.atomic():
         updated = Job.objects.filter(
             id__in=job_ids, status=JobStatus.PENDING, run_at__lte=now + CLOCK_TOLERANCE
-        ).update(
-            status=JobStatus.RUNNING,
-            attempts=F("attempts") + 1,
-            locked_by=worker,
-            lease_token=token,
-            lease_expires_at=now + _lease(),
-            started_at=now,
-            updated_at=now,
-            progress=None,
-            progress_message=None,
-        )
+        ).update(attempts=F("attempts") + 1, **claim_fields(worker=worker, token=token, now=now))
         if not updated:
             return []
         return list(Job.objects.filter(id__in=job_ids, lease_token=token))
 
 
+def _column(name: str) -> str:
+    return Job._meta.get_field(name).column
+
+
 def _claim_statement(
     *, job_ids: list[str], worker: str, token: uuid.UUID, now: datetime
 ) -> tuple[str, list[Any]]:
+    fields = claim_fields(worker=worker, token=token, now=now)
+    assignments = ", ".join(f"{_column(name)} = %s" for name in fields)
     sql = f"""
-        UPDATE {Job._meta.db_table} SET
-            status = 'RUNNING', attempts = attempts + 1, locked_by = %s, lease_token = %s,
-            lease_expires_at = %s, started_at = %s, updated_at = %s, progress = NULL,
-            progress_message = NULL
+        UPDATE {Job._meta.db_table} SET attempts = attempts + 1, {assignments}
         WHERE id = ANY(%s::uuid[]) AND status = 'PENDING' AND run_at <= %s
         RETURNING {COLUMNS}
     """
-    return sql, [worker, token, now + _lease(), now, now, job_ids, now + CLOCK_TOLERANCE]
-
-
-def _claim_in_one_statement(
-    *, job_ids: list[str], worker: str, token: uuid.UUID, now: datetime
-) -> list[Job]:
-    sql, params = _claim_statement(job_ids=job_ids, worker=worker, token=token, now=now)
-    return list(Job.objects.raw(sql, params))
+    return sql, [*fields.values(), job_ids, now + CLOCK_TOLERANCE]
 
 
 async def aclaim_jobs(*, job_ids: list[str], worker: str) -> list[Job]:
@@ -232,41 +227,13 @@ def _fenced(job: Job) -> Any:
     return Job.objects.filter(id=job.id, lease_token=job.lease_token, status=JobStatus.RUNNING)
 
 
-def outcome_fields(*, job: Job, outcome: Outcome, now: datetime) -> dict[str, Any]:
-    """The columns an attempt's outcome writes: COMPLETED, FAILED, or PENDING for a retry."""
-    fields: dict[str, Any] = {
-        "updated_at": now,
-        "lease_token": None,
-        "lease_expires_at": None,
-        "finished_at": None,
-        "run_at": job.run_at,
-    }
-    if outcome.ok:
-        fields.update(
-            status=JobStatus.COMPLETED, result=outcome.result, error=None, finished_at=now
-        )
-    elif outcome.permanent or job.attempts >= job.max_attempts:
-        fields.update(status=JobStatus.FAILED, result=None, error=outcome.error, finished_at=now)
-    else:
-        delay = retry_delay(
-            attempt=job.attempts,
-            base_ms=settings.JOBS["RETRY_BASE_MS"],
-            max_ms=settings.JOBS["RETRY_MAX_MS"],
-        )
-        fields.update(
-            status=JobStatus.PENDING, result=None, error=outcome.error, run_at=now + delay
-        )
-    return fields
-
-
-def finish_job(*, job: Job, outcome: Outcome) -> Job | None:
-    """Write one attempt's outcome, fenced by its lease token; None if the lease was lost."""
-    return finish_jobs(items=[(job, outcome)])[0]
-
-
-def _plan(items: list[tuple[Job, Outcome]]) -> list[tuple[Job, dict[str, Any]]]:
-    now = timezone.now()
-    return [(job, outcome_fields(job=job, outcome=outcome, now=now)) for job, outcome in items]
+def write_row(job: Job, fields: dict[str, Any]) -> Job:
+    """Write `fields` on a row the caller holds locked (`select_for_update`), in its
+    transaction: the API's transitions."""
+    for name, value in fields.items():
+        setattr(job, name, value)
+    job.save(update_fields=list(fields))
+    return job
 
 
 # What a finished row says of its last progress: the worker's copy of the job may not have seen
@@ -274,9 +241,7 @@ def _plan(items: list[tuple[Job, Outcome]]) -> list[tuple[Job, dict[str, Any]]]:
 Progress = tuple[int | None, str | None]
 
 
-def _written(
-    planned: list[tuple[Job, dict[str, Any]]], written: dict[uuid.UUID, Progress]
-) -> list[Job | None]:
+def _written(planned: Planned, written: dict[uuid.UUID, Progress]) -> list[Job | None]:
     """The planned jobs with their new fields and the row's progress, None where the fenced
     write matched no row."""
     results: list[Job | None] = []
@@ -291,26 +256,29 @@ def _written(
     return results
 
 
-def finish_jobs(*, items: list[tuple[Job, Outcome]]) -> list[Job | None]:
+def write_outcomes(*, planned: Planned) -> list[Job | None]:
     """Write many outcomes in one transaction, each fenced by its lease token. On PostgreSQL it
     is one UPDATE ... FROM (VALUES ...) RETURNING statement."""
-    planned = _plan(items)
-    with transaction.atomic():
-        if connection.vendor == "postgresql":
-            sql, params = _finish_statement(planned)
-            with connection.cursor() as cursor:
-                cursor.execute(sql, params)
-                written = {row[0]: (row[1], row[2]) for row in cursor.fetchall()}
-        else:
-            ids = [job.id for job, fields in planned if _fenced(job).update(**fields)]
-            rows = Job.objects.filter(id__in=ids).values_list("id", "progress", "progress_message")
-            written = {row[0]: (row[1], row[2]) for row in rows}
+    if connection.vendor != "postgresql":
+        return write_outcomes_with_orm(planned=planned)
+    sql, params = _finish_statement(planned)
+    with transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        written = {row[0]: (row[1], row[2]) for row in cursor.fetchall()}
     return _written(planned, written)
 
 
-async def afinish_jobs(*, items: list[tuple[Job, Outcome]]) -> list[Job | None]:
-    """`finish_jobs` on PostgreSQL from the event loop (one statement, one commit)."""
-    planned = _plan(items)
+def write_outcomes_with_orm(*, planned: Planned) -> list[Job | None]:
+    """The outcome writes on a database without the statement (SQLite): one fenced UPDATE per
+    job, the same columns, in one transaction."""
+    with transaction.atomic():
+        ids = [job.id for job, fields in planned if _fenced(job).update(**fields)]
+        rows = Job.objects.filter(id__in=ids).values_list("id", "progress", "progress_message")
+        return _written(planned, {row[0]: (row[1], row[2]) for row in rows})
+
+
+async def awrite_outcomes(*, planned: Planned) -> list[Job | None]:
+    """`write_outcomes` on PostgreSQL from the event loop (one statement, one commit)."""
     sql, params = _finish_statement(planned)
     async with pg.connection() as conn:
         cursor = await conn.execute(sql, params)
@@ -318,36 +286,42 @@ async def afinish_jobs(*, items: list[tuple[Job, Outcome]]) -> list[Job | None]:
     return _written(planned, written)
 
 
-def _finish_statement(planned: list[tuple[Job, dict[str, Any]]]) -> tuple[str, list[Any]]:
-    rows = ", ".join(
-        [
-            "(%s::uuid, %s::uuid, %s, %s::jsonb, %s, %s::timestamptz, %s::timestamptz, "
-            "%s::timestamptz)"
-        ]
-        * len(planned)
-    )
+# The SQL type of each kind of column, to type the VALUES list of a batched write.
+_SQL_TYPES = {
+    "CharField": "text",
+    "DateTimeField": "timestamptz",
+    "JSONField": "jsonb",
+    "PositiveSmallIntegerField": "integer",
+    "SmallIntegerField": "integer",
+    "PositiveIntegerField": "integer",
+    "TextField": "text",
+    "UUIDField": "uuid",
+}
+
+
+def _sql_value(name: str, value: Any) -> Any:
+    if value is not None and Job._meta.get_field(name).get_internal_type() == "JSONField":
+        return json.dumps(value)
+    return value
+
+
+def _finish_statement(planned: Planned) -> tuple[str, list[Any]]:
+    """One UPDATE ... FROM (VALUES ...) for the planned writes, whose columns are the planned
+    fields themselves (every outcome plans the same set)."""
+    names = list(planned[0][1])
+    columns = [_column(name) for name in names]
+    types = [_SQL_TYPES[Job._meta.get_field(name).get_internal_type()] for name in names]
+    row = ", ".join(["%s::uuid", "%s::uuid", *(f"%s::{sql_type}" for sql_type in types)])
     params: list[Any] = []
     for job, fields in planned:
-        params.extend(
-            (
-                job.id,
-                job.lease_token,
-                fields["status"],
-                None if fields["result"] is None else json.dumps(fields["result"]),
-                fields["error"],
-                fields["finished_at"],
-                fields["run_at"],
-                fields["updated_at"],
-            )
-        )
+        if list(fields) != names:
+            raise ValueError("the planned writes of one batch set different columns")
+        params.extend((job.id, job.lease_token, *(_sql_value(n, fields[n]) for n in names)))
     sql = f"""
-        UPDATE {Job._meta.db_table} AS j SET
-            status = v.status, result = v.result, error = v.error,
-            finished_at = v.finished_at, run_at = v.run_at, updated_at = v.updated_at,
-            lease_token = NULL, lease_expires_at = NULL
-        FROM (VALUES {rows}) AS v(id, token, status, result, error, finished_at, run_at,
-                                  updated_at)
-        WHERE j.id = v.id AND j.lease_token = v.token AND j.status = 'RUNNING'
+        UPDATE {Job._meta.db_table} AS j SET {", ".join(f"{c} = v.{c}" for c in columns)}
+        FROM (VALUES {", ".join([f"({row})"] * len(planned))})
+            AS v(fenced_id, fenced_token, {", ".join(columns)})
+        WHERE j.id = v.fenced_id AND j.lease_token = v.fenced_token AND j.status = 'RUNNING'
         RETURNING j.id, j.progress, j.progress_message
     """
     return sql, params
@@ -365,17 +339,8 @@ def set_job_progress(*, job: Job, percent: int, message: str | None) -> Job | No
     return reported
 
 
-def put_back_job(*, job: Job) -> Job | None:
-    now = timezone.now()
-    fields = {
-        "status": JobStatus.PENDING,
-        "attempts": max(0, job.attempts - 1),
-        "run_at": now,
-        "updated_at": now,
-        "lease_token": None,
-        "lease_expires_at": None,
-        "locked_by": None,
-    }
+def write_fenced(*, job: Job, fields: dict[str, Any]) -> Job | None:
+    """Write `fields` on a job whose lease this worker still holds; None if it does not."""
     with transaction.atomic():
         if not _fenced(job).update(**fields):
             return None
@@ -404,34 +369,17 @@ def renew_leases(*, worker: str, job_ids: list[str]) -> int:
         return Job.objects.filter(id__in=ids).update(lease_expires_at=now + _lease())
 
 
-def recover_expired_leases(*, limit: int) -> list[Job]:
-    """Jobs whose worker stopped heartbeating: back to PENDING (attempt counted) or FAILED."""
+def recover_expired_leases(*, policy: RetryPolicy, limit: int) -> list[Job]:
+    """Jobs whose worker stopped heartbeating, changed as `policy` says (PENDING again with the
+    attempt counted, or FAILED when attempts are spent)."""
     now = timezone.now()
+    expired = Job.objects.filter(status=JobStatus.RUNNING, lease_expires_at__lt=now)
     recovered = []
-    expired = list(
-        Job.objects.filter(status=JobStatus.RUNNING, lease_expires_at__lt=now).order_by(
-            "lease_expires_at"
-        )[:limit]
-    )
-    for job in expired:
-        lost = f"worker {job.locked_by} stopped heartbeating (lease expired)"
-        fields: dict[str, Any] = {
-            "updated_at": now,
-            "lease_token": None,
-            "lease_expires_at": None,
-            "locked_by": None,
-            "error": lost,
-        }
-        if job.attempts >= job.max_attempts:
-            fields.update(status=JobStatus.FAILED, finished_at=now)
-        else:
-            fields.update(status=JobStatus.PENDING, run_at=now)
-        with transaction.atomic():
-            if not _fenced(job).update(**fields):
-                continue  # it finished or was taken over meanwhile
-        for name, value in fields.items():
-            setattr(job, name, value)
-        recovered.append(job)
+    for job in expired.order_by("lease_expires_at")[:limit]:
+        # None: it finished or was taken over meanwhile.
+        written = write_fenced(job=job, fields=policy.after_lost_lease(job, now))
+        if written is not None:
+            recovered.append(written)
     return recovered
 
 

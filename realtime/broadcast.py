@@ -8,7 +8,6 @@ Several changes of one tenant travel as one message, in order.
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -18,11 +17,7 @@ from django.conf import settings
 from realtime.hub import encode_frames, updates_channel
 
 if TYPE_CHECKING:
-    import redis.asyncio as aioredis
-
     from jobs.models import Job
-
-logger = logging.getLogger(__name__)
 
 
 def iso(value: Any) -> str | None:
@@ -70,19 +65,3 @@ def update_messages(jobs: Iterable[Job], prefix: str | None = None) -> list[tupl
         (updates_channel(prefix, tenant), encode_frames(texts))
         for tenant, texts in by_tenant.items()
     ]
-
-
-async def abroadcast(client: aioredis.Redis, jobs: Iterable[Job]) -> None:
-    """Publish the jobs' updates (one message per tenant) in one round trip; never raises.
-    (The API publishes inside its enqueue call instead: services.announce.)"""
-    jobs = list(jobs)
-    if not jobs:
-        return
-    try:
-        pipe = client.pipeline(transaction=False)
-        for channel, message in update_messages(jobs):
-            pipe.publish(channel, message)
-        await pipe.execute()
-    except Exception:
-        # The database holds the state; a subscriber can catch up with SUBSCRIBE since.
-        logger.exception("broadcast failed job_ids=%s", ",".join(str(job.id) for job in jobs[:10]))

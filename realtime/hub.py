@@ -175,6 +175,11 @@ class Hub:
         if pending:
             await asyncio.wait_for(asyncio.shield(pending[-1]), SUBSCRIBE_TIMEOUT_S)
 
+    def listener_count(self, tenant: str) -> int:
+        """How many local sockets watch `tenant`'s updates (0: the hub has let the channel go)."""
+        channel = self._channels.get(updates_channel(self.prefix, tenant))
+        return len(channel.listeners) if channel is not None else 0
+
     async def unsubscribe(self, tenant: str, listener: Listener) -> None:
         """Stop delivering `tenant`'s updates to `listener`."""
         name = self._drop_listener(tenant, listener)

@@ -8,10 +8,9 @@ atomically against the sum over live processes, and rewrites the mirror from mem
 SYNC_INTERVAL_S with a PROCESS_TTL_S lifetime, so a count can neither drift nor outlive a
 crashed process for long. The open-connections gauge of /metrics reads the same sum.
 
-Keys (P is JOBS_REDIS_PREFIX):
-    P:ws:procs            ZSET  API process -> when its counts expire (ms)
-    P:ws:proc:{process}   HASH  "total", "t:{tenant}", "k:{key digest}" -> open sockets
-    P:replay:{tenant}     HASH  the tenant's bucket of replayable rows (tokens, last update)
+The Redis side (keys `P:ws:procs`, `P:ws:proc:{process}`, `P:replay:{tenant}` and their
+scripts) is the queue's: `Queue.admit_socket`, `release_socket`, `sync_sockets`, `open_sockets`
+and `take_replay_rows` in jobs/queue.py.
 
 If Redis cannot be reached, sockets are admitted and replays allowed (logged): the caps protect
 other tenants from one, they must not turn a Redis blip into an outage.
@@ -25,33 +24,20 @@ import secrets
 from collections import Counter
 from collections.abc import Hashable
 from dataclasses import dataclass
-from functools import cache
-from pathlib import Path
-from typing import Any
 
 import redis
 from django.conf import settings
 
 from jobs.counters import PROCESS_ID
-from jobs.queue import async_queue
+from jobs.queue import Queue, async_queue
 from realtime.hub import Hub
 
 logger = logging.getLogger(__name__)
 
-LUA_DIR = Path(__file__).with_name("lua")
 SYNC_INTERVAL_S = 5.0
 PROCESS_TTL_S = 20.0
 # A key is counted under a prefix of its digest: enough to tell keys apart, short in Redis.
 KEY_FIELD_CHARS = 16
-
-
-@cache
-def _script(name: str) -> str:
-    return (LUA_DIR / f"{name}.lua").read_text()
-
-
-def _register(client: Any, name: str) -> Any:
-    return client.register_script(_script(name))
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,28 +81,22 @@ class Presence:
         self._count(socket, fields)
         caps = settings.JOBS
         try:
-            client = async_queue().client
-            admitted, *refused = await _register(client, "admit")(
-                keys=[],
-                args=[
-                    self.prefix,
-                    self.process,
-                    int(PROCESS_TTL_S * 1000),
-                    caps["WS_MAX_PER_TENANT"],
-                    caps["WS_MAX_PER_KEY"],
-                    *fields,
-                ],
+            reached = await self._queue().admit_socket(
+                process=self.process,
+                ttl_ms=int(PROCESS_TTL_S * 1000),
+                tenant_cap=caps["WS_MAX_PER_TENANT"],
+                key_cap=caps["WS_MAX_PER_KEY"],
+                fields=fields,
             )
         except redis.RedisError as exc:
             logger.warning("websocket caps not checked, Redis unavailable: %s", exc)
             self._start_sync()
             return None
-        if not admitted:
+        if reached is not None:
             self._uncount(socket)
-            field, open_now = refused[0].decode(), int(refused[1])
-            scope = "tenant" if field.startswith("t:") else "key"
+            scope = "tenant" if reached.field.startswith("t:") else "key"
             cap = caps["WS_MAX_PER_TENANT"] if scope == "tenant" else caps["WS_MAX_PER_KEY"]
-            return Refusal(scope=scope, cap=cap, open=open_now)
+            return Refusal(scope=scope, cap=cap, open=reached.open)
         self._start_sync()
         return None
 
@@ -135,6 +115,10 @@ class Presence:
         """Sockets this process has open."""
         return len(self.sockets)
 
+    def _queue(self) -> Queue:
+        """The loop's Redis client, under this hub's prefix."""
+        return Queue(async_queue().client, prefix=self.prefix)
+
     def _count(self, socket: Hashable, fields: tuple[str, ...]) -> None:
         self.sockets[socket] = fields
         self.counts.update(("total", *fields))
@@ -151,10 +135,7 @@ class Presence:
 
     async def _release(self, fields: tuple[str, ...]) -> None:
         try:
-            client = async_queue().client
-            await _register(client, "release")(
-                keys=[], args=[self.prefix, self.process, "total", *fields]
-            )
+            await self._queue().release_socket(process=self.process, fields=("total", *fields))
         except redis.RedisError as exc:
             # The next sync rewrites the counts from memory.
             logger.warning("websocket close not counted yet, Redis unavailable: %s", exc)
@@ -175,11 +156,9 @@ class Presence:
 
     async def sync(self) -> None:
         """Rewrite this process's counts in Redis from memory (none: remove the process)."""
-        pairs = [str(part) for item in self.counts.items() for part in item]
         try:
-            client = async_queue().client
-            await _register(client, "sync")(
-                keys=[], args=[self.prefix, self.process, int(PROCESS_TTL_S * 1000), *pairs]
+            await self._queue().sync_sockets(
+                process=self.process, ttl_ms=int(PROCESS_TTL_S * 1000), counts=self.counts
             )
         except redis.RedisError as exc:
             logger.warning("websocket counts not synced, Redis unavailable: %s", exc)
@@ -195,16 +174,6 @@ class Presence:
         await self.sync()
 
 
-async def open_connections(client: Any, prefix: str) -> int:
-    """Open WebSockets over every live API process (the /metrics gauge)."""
-    return int(await _register(client, "count")(keys=[], args=[prefix, "total"]))
-
-
-def open_connections_sync(client: redis.Redis, prefix: str) -> int:
-    """`open_connections` for a synchronous Redis client."""
-    return int(_register(client, "count")(keys=[], args=[prefix, "total"]))
-
-
 async def take_replay_rows(tenant_id: str, wanted: int) -> tuple[int, int]:
     """Take up to `wanted` rows from the tenant's replay budget: (rows granted, ms until one is
     available again if none was). A negative `wanted` gives unused rows back."""
@@ -213,11 +182,10 @@ async def take_replay_rows(tenant_id: str, wanted: int) -> tuple[int, int]:
         return max(wanted, 0), 0
     burst = max(rate, settings.JOBS["SINCE_REPLAY_LIMIT"])
     try:
-        client = async_queue().client
-        granted, retry_ms = await _register(client, "replay_budget")(
-            keys=[], args=[settings.JOBS["REDIS_PREFIX"], tenant_id, rate, burst, wanted]
+        grant = await async_queue().take_replay_rows(
+            tenant=tenant_id, rate=rate, burst=burst, wanted=wanted
         )
     except redis.RedisError as exc:
         logger.warning("replay budget not checked, Redis unavailable tenant=%s: %s", tenant_id, exc)
         return max(wanted, 0), 0
-    return int(granted), int(retry_ms)
+    return grant.granted, grant.retry_ms

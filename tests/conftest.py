@@ -1,17 +1,32 @@
 """Shared fixtures. Tests use the machine's real PostgreSQL and Redis; each test gets its own
-Redis key prefix (queue keys and pub/sub channels) and removes its keys afterwards."""
+Redis key prefix (queue keys and pub/sub channels) and removes its keys afterwards.
+
+A test that starts real processes (it lives in tests/e2e/ or uses `stack`) is marked `e2e`:
+`pytest -m "not e2e"` leaves those out (see tests/README.md)."""
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import redis
 from django.conf import settings
+from django.contrib.auth.models import AbstractBaseUser
 
 from jobs.models import Tenant
 from jobs.services import api_key_create
+from tests.support.stack import Stack, running_stack
+from tests.support.users import create_operator
+
+E2E_DIR = Path(__file__).resolve().parent / "e2e"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if E2E_DIR in item.path.parents or "stack" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.e2e)
 
 
 @pytest.fixture(autouse=True)
@@ -56,3 +71,16 @@ def api_key(tenant: Tenant) -> str:
 def other_api_key(other_tenant: Tenant) -> str:
     _, raw = api_key_create(tenant=other_tenant)
     return raw
+
+
+@pytest.fixture
+def staff_user(db: None) -> AbstractBaseUser:
+    # Staff who may view jobs: the dashboard and staff sockets need that permission.
+    return create_operator()
+
+
+@pytest.fixture
+def stack(transactional_db: None, redis_prefix: str, tmp_path: Path) -> Iterator[Stack]:
+    """The API and workers as subprocesses (started by the test), stopped at the end."""
+    with running_stack(redis_prefix=redis_prefix, tmp=tmp_path) as running:
+        yield running

@@ -1,5 +1,6 @@
 -- Shared helpers, prepended to every script. Keys are built from the prefix (ARGV[1]) because
 -- a tenant's ready set is only known inside the script; the queue targets one Redis (no Cluster).
+-- These names are the Lua side of `Keys` in jobs/queue.py: change both together.
 local prefix = ARGV[1]
 local ring_key = prefix .. ':tenants'
 local active_key = prefix .. ':active'
@@ -9,14 +10,19 @@ local limits_key = prefix .. ':limits'
 local wake_key = prefix .. ':wake'
 local workers_key = prefix .. ':workers'
 local slots_key = prefix .. ':slots'
+local slots_total_key = prefix .. ':slots:total'
+local ws_procs_key = prefix .. ':ws:procs'
+
+local function ready_key(tenant) return prefix .. ':ready:' .. tenant end
+local function processing_key_of(worker) return prefix .. ':processing:' .. worker end
+local function rate_key(tenant) return prefix .. ':rate:' .. tenant end
+local function email_recipients_key(tenant) return prefix .. ':email-recipients:' .. tenant end
+local function replay_key(tenant) return prefix .. ':replay:' .. tenant end
+local function ws_proc_key(process) return prefix .. ':ws:proc:' .. process end
 
 local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
-
-local function ready_key(tenant)
-  return prefix .. ':ready:' .. tenant
 end
 
 -- Put a job in its tenant's ready set and the tenant in the ring (once).

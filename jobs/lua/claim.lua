@@ -1,4 +1,5 @@
--- ARGV: prefix, worker, count, wake_max, fair share (0 < f < 1; else off), reserve (slots).
+-- ARGV: prefix, worker, count, wake_max, fair share (0 < f < 1; else off), reserve (slots),
+-- claim_ttl (s: how long the worker's processing hash outlives its last claim or heartbeat).
 -- Moves due delayed jobs to the ready sets, then takes up to `count` ids, one tenant per turn in
 -- ring order, skipping tenants at their concurrency limit. A tenant already running its fair
 -- share of the cluster's slots is passed over while another tenant yields a job; if none does,
@@ -6,8 +7,8 @@
 -- {ids, next due ms or -1}.
 local worker, count, wake_max = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local fair_share, reserve = tonumber(ARGV[5] or '0'), tonumber(ARGV[6] or '0')
-local processing_key = prefix .. ':processing:' .. worker
-local slots_total_key = slots_key .. ':total'
+local claim_ttl = tonumber(ARGV[7])
+local processing_key = processing_key_of(worker)
 local now = now_ms()
 
 local due = redis.call('ZRANGE', delayed_key, '-inf', now, 'BYSCORE', 'LIMIT', 0, 1000)
@@ -115,7 +116,7 @@ if #claimed < count and #over_share > 0 then
 end
 
 if #claimed > 0 then
-  redis.call('EXPIRE', processing_key, 86400)
+  redis.call('EXPIRE', processing_key, claim_ttl)
 end
 -- Ready jobs left behind (a claim larger than one worker's share): let another idle worker look.
 if #claimed == count and redis.call('LLEN', ring_key) > 0 then

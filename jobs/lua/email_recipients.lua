@@ -6,7 +6,7 @@
 -- of it has left the window. Returns {allowed (1/0), total in the window, retry_ms}.
 local tenant, limit, cost = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local window, token = tonumber(ARGV[5]), ARGV[6]
-local log_key = prefix .. ':email-recipients:' .. tenant
+local log_key = email_recipients_key(tenant)
 local total_key = log_key .. ':total'
 local now = now_ms()
 

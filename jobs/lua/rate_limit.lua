@@ -2,7 +2,7 @@
 -- GCRA (a token bucket kept as one "theoretical arrival time"): allows `cost` jobs now if the
 -- tenant's bucket has room, else says how many ms until it will. Returns {allowed, retry_ms}.
 local tenant, rate, burst, cost = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
-local key = prefix .. ':rate:' .. tenant
+local key = rate_key(tenant)
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
 local interval = 1000 / rate

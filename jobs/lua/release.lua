@@ -1,5 +1,5 @@
 -- ARGV: prefix, worker, job ids. Forgets ids the worker finished with and frees their slots.
-local processing_key = prefix .. ':processing:' .. ARGV[2]
+local processing_key = processing_key_of(ARGV[2])
 local released = 0
 for i = 3, #ARGV do
   local entry = redis.call('HGET', processing_key, ARGV[i])

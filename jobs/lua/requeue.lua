@@ -1,13 +1,13 @@
--- ARGV: prefix, worker, 'all' | 'some', job ids (with 'some').
+-- ARGV: prefix, worker, 'all' | 'some', job ids (with 'some'), then wake_max (always last).
 -- Puts a worker's claimed ids back in the ready sets: on graceful stop (jobs it never started)
 -- and when another worker recovers a dead one ('all', which also forgets the worker).
-local worker, mode = ARGV[2], ARGV[3]
-local processing_key = prefix .. ':processing:' .. worker
+local worker, mode, wake_max = ARGV[2], ARGV[3], tonumber(ARGV[#ARGV])
+local processing_key = processing_key_of(worker)
 local ids = {}
 if mode == 'all' then
   ids = redis.call('HKEYS', processing_key)
 else
-  for i = 4, #ARGV do ids[#ids + 1] = ARGV[i] end
+  for i = 4, #ARGV - 1 do ids[#ids + 1] = ARGV[i] end
 end
 local requeued = 0
 for _, id in ipairs(ids) do
@@ -22,7 +22,7 @@ for _, id in ipairs(ids) do
 end
 if mode == 'all' then
   redis.call('DEL', processing_key)
-  redis.call('ZREM', prefix .. ':workers', worker)
+  redis.call('ZREM', workers_key, worker)
 end
-wake(requeued, 256)
+wake(requeued, wake_max)
 return requeued

@@ -14,12 +14,11 @@ from pathlib import Path
 
 import pytest
 from django.core.management import call_command
-from django.test import override_settings
 from dotenv import dotenv_values
 
 from jobs.models import Tenant
-from jobs.queue import sync_client
 from scripts.run import write_run_env
+from tests.support.redis_server import unreachable_redis
 
 ROOT = Path(__file__).resolve().parents[2]
 # What a user's shell has: none of the variables `make run` sets or writes.
@@ -97,13 +96,8 @@ def test_run_env_is_private_keeps_its_secret_key_and_quotes_values(tmp_path: Pat
 
 @pytest.fixture
 def redis_down() -> Iterator[None]:
-    """REDIS_URL pointing where nothing listens, for the process's (cached) Redis client too."""
-    sync_client.cache_clear()
-    try:
-        with override_settings(REDIS_URL="redis://127.0.0.1:1/0"):
-            yield
-    finally:
-        sync_client.cache_clear()
+    with unreachable_redis():
+        yield
 
 
 def test_a_key_change_while_redis_is_down_is_a_warning_line_per_change(

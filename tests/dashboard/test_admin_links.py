@@ -10,7 +10,7 @@ from django.test import Client
 from django.utils import timezone
 
 from jobs.models import JobStatus, Tenant
-from tests.dashboard.conftest import make_job
+from tests.support.jobs import make_job
 
 pytestmark = pytest.mark.django_db
 

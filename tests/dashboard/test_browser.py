@@ -26,9 +26,9 @@ from playwright.sync_api import (
 
 from jobs.models import Tenant
 from jobs.services import api_key_create
-from tests.e2e.conftest import ROOT, Stack
+from tests.support.stack import ROOT, Stack
 
-pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
+pytestmark = pytest.mark.django_db(transaction=True)
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]

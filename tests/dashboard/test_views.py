@@ -17,7 +17,7 @@ from django.utils import timezone
 from dashboard.selectors import THROUGHPUT_BUCKETS, job_throughput
 from jobs.models import Job, JobStatus, Tenant
 from jobs.queue import entry_for, sync_queue
-from tests.dashboard.conftest import make_job
+from tests.support.jobs import make_job
 from tests.support.users import create_operator
 
 pytestmark = pytest.mark.django_db

@@ -16,7 +16,7 @@ from django.db.models import Count
 
 from jobs.models import Job, JobStatus, Tenant
 from jobs.services import JobSpec, api_key_create, job_enqueue_batch
-from tests.e2e.conftest import Stack, wait_until
+from tests.support.stack import Stack, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 

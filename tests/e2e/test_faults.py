@@ -15,8 +15,8 @@ from django.db import connection
 
 from jobs.models import Job, JobStatus, Tenant
 from jobs.services import api_key_create
-from tests.e2e.conftest import Stack, free_port, wait_until
 from tests.support.redis_server import private_redis
+from tests.support.stack import Stack, free_port, wait_until
 from tests.support.updates import listen_to_tenant
 from tests.support.webhook_server import webhook_server
 

@@ -9,7 +9,7 @@ import pytest
 
 from jobs.models import Tenant
 from jobs.services import api_key_create
-from tests.e2e.conftest import Stack
+from tests.support.stack import Stack
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 

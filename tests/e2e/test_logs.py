@@ -11,7 +11,7 @@ import sys
 import httpx
 import pytest
 
-from tests.e2e.conftest import ROOT, Stack, free_port, healthy, wait_until
+from tests.support.stack import ROOT, Stack, free_port, healthy, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 

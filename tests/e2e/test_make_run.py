@@ -27,10 +27,8 @@ from psycopg import sql
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
-from tests.e2e.conftest import ROOT, free_port, wait_until
 from tests.support.processes import child_pids, is_running
-
-pytestmark = pytest.mark.e2e
+from tests.support.stack import ROOT, free_port, wait_until
 
 RUN_PY = ROOT / "scripts" / "run.py"
 # What `make run` sets or writes itself; a user's shell has none of them.

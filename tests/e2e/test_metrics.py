@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from jobs.metrics import HIDDEN_NOTICE
 from jobs.models import Job, JobStatus, Tenant
 from jobs.services import api_key_create
-from tests.e2e.conftest import Stack, wait_until
+from tests.support.stack import Stack, wait_until
 from tests.support.webhook_server import webhook_server
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]

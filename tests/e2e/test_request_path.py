@@ -13,7 +13,7 @@ import pytest
 
 from jobs.models import Job, JobStatus, Tenant
 from jobs.services import api_key_create
-from tests.e2e.conftest import ROOT, Stack, free_port
+from tests.support.stack import ROOT, Stack, free_port
 from tests.support.wrk import finish_wrk, start_wrk
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]

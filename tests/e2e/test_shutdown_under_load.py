@@ -14,8 +14,8 @@ import pytest
 
 from jobs.models import Tenant
 from jobs.services import api_key_create
-from tests.e2e.conftest import Stack, wait_until
 from tests.support.processes import child_pids, is_running
+from tests.support.stack import Stack, wait_until
 from tests.support.wrk import finish_wrk, start_wrk
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]

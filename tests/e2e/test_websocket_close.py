@@ -13,9 +13,7 @@ from websockets.exceptions import ConnectionClosed
 
 from jobs.models import Tenant
 from jobs.services import api_key_create, api_key_revoke
-from tests.e2e.conftest import Stack
-
-pytestmark = pytest.mark.e2e
+from tests.support.stack import Stack
 
 
 async def closed_by_server(ws: websockets.ClientConnection) -> tuple[int, str]:

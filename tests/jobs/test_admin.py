@@ -17,6 +17,9 @@ from django.utils import timezone
 from jobs.admin import EstimatedCountPaginator
 from jobs.models import ApiKey, Job, JobStatus, Tenant
 from jobs.services import JobSpec, api_key_authenticate, api_key_create, hash_api_key, job_enqueue
+from tests.support.jobs import make_job
+from tests.support.stack import wait_until
+from tests.support.updates import listen_to_tenant
 
 pytestmark = pytest.mark.django_db
 
@@ -24,20 +27,12 @@ RAW_KEY_PATTERN = re.compile(r"jq_[0-9a-f]{12}_[A-Za-z0-9_\-]{20,}")
 JOBS_URL = "/admin/jobs/job/"
 
 
-def make_job(tenant: Tenant, *, status: str = JobStatus.PENDING, **fields: Any) -> Job:
-    """A job row in any state, written directly (the admin must cope with every state)."""
-    now = timezone.now()
-    values: dict[str, Any] = {
-        "type": "email",
-        "payload": {"to": "ops@example.com", "subject": "hi", "body": "hello"},
-        "run_at": now,
-        "created_at": now,
-        "updated_at": now,
-        **fields,
-    }
-    if status in (JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED):
-        values.setdefault("finished_at", now)
-    return Job.objects.create(tenant=tenant, status=status, **values)
+EMAIL = {"type": "email", "payload": {"to": "ops@example.com", "subject": "hi", "body": "hello"}}
+
+
+def email_job(tenant: Tenant, *, status: str = JobStatus.PENDING, **fields: Any) -> Job:
+    """An email job row in any state, written directly (the admin must cope with every state)."""
+    return make_job(tenant, status=status, **{**EMAIL, **fields})
 
 
 def messages_of(response: Any) -> list[str]:
@@ -57,8 +52,8 @@ def test_job_changelist_shows_jobs_with_filters_and_tenant_link(
     admin_client: Client, tenant: Tenant
 ) -> None:
     underscored = Tenant.objects.create(id="acme_corp", name="Acme")
-    job = make_job(tenant, status=JobStatus.FAILED, error="boom", attempts=3)
-    make_job(underscored, type="sleep", payload={"delayMs": 10})
+    job = email_job(tenant, status=JobStatus.FAILED, error="boom", attempts=3)
+    make_job(underscored, payload={"delayMs": 10})
 
     response = admin_client.get(JOBS_URL)
 
@@ -80,9 +75,9 @@ def test_job_changelist_shows_jobs_with_filters_and_tenant_link(
 def test_job_search_matches_an_exact_uuid_or_tenant_id(
     admin_client: Client, tenant: Tenant, other_tenant: Tenant
 ) -> None:
-    first = make_job(tenant)
-    second = make_job(tenant)
-    theirs = make_job(other_tenant)
+    first = email_job(tenant)
+    second = email_job(tenant)
+    theirs = email_job(other_tenant)
 
     by_id = admin_client.get(JOBS_URL, {"q": str(second.id)})
     by_id_upper = admin_client.get(JOBS_URL, {"q": f"  {str(first.id).upper()} "})
@@ -107,8 +102,8 @@ def test_big_job_changelist_uses_the_row_estimate_instead_of_counting(
     if connection.vendor != "postgresql":
         pytest.skip("the row estimate comes from PostgreSQL's statistics")
     for _ in range(3):
-        make_job(tenant, status=JobStatus.FAILED)
-    make_job(tenant, status=JobStatus.COMPLETED)
+        email_job(tenant, status=JobStatus.FAILED)
+    email_job(tenant, status=JobStatus.COMPLETED)
     with connection.cursor() as cursor:
         cursor.execute("ANALYZE jobs_job")
     # Pretend 4 rows is big: the real threshold needs a table too large for a test.
@@ -127,7 +122,7 @@ def test_big_job_changelist_uses_the_row_estimate_instead_of_counting(
 def test_job_change_page_is_read_only_with_pretty_escaped_json(
     admin_client: Client, tenant: Tenant
 ) -> None:
-    job = make_job(
+    job = email_job(
         tenant,
         status=JobStatus.FAILED,
         payload={"to": "a@example.com", "html": "<b>hi</b>", "nested": {"n": 1}},
@@ -159,8 +154,8 @@ def test_job_change_page_is_read_only_with_pretty_escaped_json(
 def test_retry_action_requeues_failed_jobs_in_redis_and_skips_others(
     admin_client: Client, tenant: Tenant, redis_client: Any, redis_prefix: str
 ) -> None:
-    failed = make_job(tenant, status=JobStatus.FAILED, attempts=3, error="boom")
-    completed = make_job(tenant, status=JobStatus.COMPLETED, result={"sent": 1})
+    failed = email_job(tenant, status=JobStatus.FAILED, attempts=3, error="boom")
+    completed = email_job(tenant, status=JobStatus.COMPLETED, result={"sent": 1})
     ready_key = f"{redis_prefix}:ready:{tenant.id}"
     assert redis_client.zscore(ready_key, str(failed.id)) is None
 
@@ -191,7 +186,7 @@ def test_cancel_action_cancels_pending_jobs_and_removes_them_from_redis(
         pending, _ = job_enqueue(
             tenant=tenant, spec=JobSpec(type="sleep", payload={"delayMs": 1000})
         )
-    done = make_job(tenant, status=JobStatus.COMPLETED)
+    done = email_job(tenant, status=JobStatus.COMPLETED)
     ready_key = f"{redis_prefix}:ready:{tenant.id}"
     assert redis_client.zscore(ready_key, str(pending.id)) is not None
 
@@ -208,7 +203,7 @@ def test_cancel_action_cancels_pending_jobs_and_removes_them_from_redis(
 
 
 def test_action_with_nothing_applicable_warns(admin_client: Client, tenant: Tenant) -> None:
-    done = make_job(tenant, status=JobStatus.COMPLETED)
+    done = email_job(tenant, status=JobStatus.COMPLETED)
 
     response = action(admin_client, JOBS_URL, "cancel_selected", [done])
 
@@ -343,10 +338,7 @@ def test_tenant_changelist_shows_queue_depth(admin_client: Any, redis_prefix: st
 
 @pytest.mark.django_db(transaction=True)
 def test_admin_actions_broadcast_the_state_changes(admin_client: Client, tenant: Tenant) -> None:
-    from tests.e2e.conftest import wait_until
-    from tests.support.updates import listen_to_tenant
-
-    failed = make_job(tenant, status=JobStatus.FAILED, attempts=3, error="boom")
+    failed = email_job(tenant, status=JobStatus.FAILED, attempts=3, error="boom")
     pending, _ = job_enqueue(tenant=tenant, spec=JobSpec(type="sleep", payload={"delayMs": 1}))
     with listen_to_tenant(tenant.id) as listener:
         action(admin_client, JOBS_URL, "retry_selected", [failed])

@@ -16,6 +16,7 @@ from django.utils import timezone
 from jobs.maintenance import parse_duration_arg
 from jobs.models import ApiKey, Job, JobStatus, Tenant
 from jobs.services import api_key_authenticate, api_key_create
+from tests.support.jobs import make_job
 
 pytestmark = pytest.mark.django_db
 
@@ -25,20 +26,6 @@ def run(*args: str, **options: Any) -> list[str]:
     out = StringIO()
     call_command(*args, stdout=out, stderr=StringIO(), **options)
     return out.getvalue().splitlines()
-
-
-def make_job(tenant: Tenant, *, status: str, finished_ago: timedelta | None) -> Job:
-    now = timezone.now()
-    return Job.objects.create(
-        tenant=tenant,
-        type="sleep",
-        payload={"delayMs": 1},
-        status=status,
-        run_at=now,
-        created_at=now,
-        updated_at=now,
-        finished_at=None if finished_ago is None else now - finished_ago,
-    )
 
 
 # --- tenants and keys ---------------------------------------------------------------------------
@@ -115,9 +102,9 @@ def test_revoke_an_unknown_key_fails(db: None) -> None:
 @pytest.fixture
 def aged_jobs(tenant: Tenant) -> dict[str, list[Job]]:
     """Five prunable jobs, and jobs that must survive: recent, unfinished or still active."""
-    old = timedelta(days=40)
+    old = timezone.now() - timedelta(days=40)
     prunable = [
-        make_job(tenant, status=status, finished_ago=old)
+        make_job(tenant, status=status, finished_at=old)
         for status in (
             JobStatus.COMPLETED,
             JobStatus.COMPLETED,
@@ -127,12 +114,14 @@ def aged_jobs(tenant: Tenant) -> dict[str, list[Job]]:
         )
     ]
     kept = [
-        make_job(tenant, status=JobStatus.COMPLETED, finished_ago=timedelta(days=1)),
-        make_job(tenant, status=JobStatus.PENDING, finished_ago=None),
-        make_job(tenant, status=JobStatus.RUNNING, finished_ago=None),
+        make_job(
+            tenant, status=JobStatus.COMPLETED, finished_at=timezone.now() - timedelta(days=1)
+        ),
+        make_job(tenant, status=JobStatus.PENDING),
+        make_job(tenant, status=JobStatus.RUNNING),
         # Active jobs are kept whatever their timestamps say.
-        make_job(tenant, status=JobStatus.PENDING, finished_ago=old),
-        make_job(tenant, status=JobStatus.RUNNING, finished_ago=old),
+        make_job(tenant, status=JobStatus.PENDING, finished_at=old),
+        make_job(tenant, status=JobStatus.RUNNING, finished_at=old),
     ]
     return {"prunable": prunable, "kept": kept}
 

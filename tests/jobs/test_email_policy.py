@@ -5,8 +5,7 @@ and the worker, on the real PostgreSQL and Redis and a local SMTP server."""
 from __future__ import annotations
 
 import time
-import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -17,15 +16,16 @@ from django.test import Client
 
 from config.asgi import application
 from jobs import pg
-from jobs.handlers import JobContext, PermanentError, get_handler
+from jobs.handlers import PermanentError
 from jobs.handlers.email import EmailPayload, send_email
 from jobs.models import Job, JobStatus, Tenant
 from jobs.queue import close_async_queue
 from jobs.services import JobSpec, job_enqueue
 from realtime.hub import close_hub
-from tests.jobs.test_api import SLEEP, assert_error, post
-from tests.jobs.test_worker import run_burst
-from tests.support.smtp_server import SMTPServer, smtp_server_for
+from tests.support.api import SLEEP, assert_error, post
+from tests.support.handlers import make_ctx, run_sync
+from tests.support.smtp_server import SMTPServer
+from tests.support.worker import run_burst
 
 pytestmark = pytest.mark.django_db
 
@@ -50,12 +50,6 @@ def email_settings(settings: Any) -> None:
     }
 
 
-@pytest.fixture
-def smtp(settings: Any) -> Iterator[SMTPServer]:
-    with smtp_server_for(settings) as server:
-        yield server
-
-
 def set_jobs(settings: Any, **values: Any) -> None:
     settings.JOBS = {**settings.JOBS, **values}
 
@@ -69,15 +63,6 @@ def email_job(**payload: Any) -> dict[str, Any]:
 
 def addresses(count: int) -> list[str]:
     return [f"user{i}@example.com" for i in range(count)]
-
-
-def run_handler(payload: dict[str, Any]) -> Any:
-    spec = get_handler("email")
-    assert spec is not None
-    ctx = JobContext(
-        job_id=str(uuid.uuid4()), tenant="tenant-1", type="email", attempt=1, max_attempts=3
-    )
-    return spec.func(spec.schema.model_validate(payload), ctx)
 
 
 # --- sender policy ------------------------------------------------------------------------------
@@ -135,7 +120,7 @@ def test_allowed_senders_are_accepted(
 
 @pytest.mark.django_db(transaction=True)
 def test_reply_to_from_the_api_reaches_the_smtp_server(
-    client: Client, api_key: str, settings: Any, smtp: SMTPServer
+    client: Client, api_key: str, settings: Any, smtp_server: SMTPServer
 ) -> None:
     set_jobs(settings, EMAIL_ALLOWED_SENDERS=["@tenant.example"])
     payload = {"from": "Reports <reports@tenant.example>", "replyTo": "Help <help@tenant.example>"}
@@ -144,27 +129,31 @@ def test_reply_to_from_the_api_reaches_the_smtp_server(
     run_burst()
     job = Job.objects.get(id=response.json()["id"])
     assert job.status == JobStatus.COMPLETED, job.error
-    assert smtp.senders == ["reports@tenant.example"]
-    headers = smtp.headers()
+    assert smtp_server.senders == ["reports@tenant.example"]
+    headers = smtp_server.headers()
     assert "From: Reports <reports@tenant.example>" in headers
     assert "Reply-To: Help <help@tenant.example>" in headers
 
 
-def test_a_sender_not_allowed_when_the_job_runs_goes_out_as_reply_to(smtp: SMTPServer) -> None:
+def test_a_sender_not_allowed_when_the_job_runs_goes_out_as_reply_to(
+    smtp_server: SMTPServer,
+) -> None:
     # Enqueued before the policy (or before the setting changed): the handler never sends
     # from it. The default sender sends; the requested address is where replies go.
-    assert run_handler({**email_job()["payload"], "from": "Bank <ceo@bank.example>"}) == {"sent": 1}
-    assert smtp.senders == ["jobs@service.example"]
-    headers = smtp.headers()
+    assert run_sync("email", {**email_job()["payload"], "from": "Bank <ceo@bank.example>"}) == {
+        "sent": 1
+    }
+    assert smtp_server.senders == ["jobs@service.example"]
+    headers = smtp_server.headers()
     assert "From: Jobs <jobs@service.example>" in headers
     assert "Reply-To: Bank <ceo@bank.example>" in headers
 
 
-def test_an_explicit_reply_to_wins_over_the_refused_sender(smtp: SMTPServer) -> None:
+def test_an_explicit_reply_to_wins_over_the_refused_sender(smtp_server: SMTPServer) -> None:
     payload = {**email_job()["payload"], "from": "ceo@bank.example", "replyTo": "a@tenant.example"}
-    assert run_handler(payload) == {"sent": 1}
-    assert smtp.senders == ["jobs@service.example"]
-    headers = smtp.headers()
+    assert run_sync("email", payload) == {"sent": 1}
+    assert smtp_server.senders == ["jobs@service.example"]
+    headers = smtp_server.headers()
     assert "Reply-To: a@tenant.example" in headers
     assert not any("ceo@bank.example" in line for line in headers)
 
@@ -343,7 +332,7 @@ def test_line_separators_are_refused_in_every_header_field(
 @pytest.mark.parametrize("ch", ["\x0b", "\x1e", "\x85", "\u2028"], ids=char_id)
 @pytest.mark.parametrize("field", ["subject", "to", "from_address"])
 def test_the_handler_refuses_a_header_field_that_skipped_validation(
-    smtp: SMTPServer, field: str, ch: str
+    smtp_server: SMTPServer, field: str, ch: str
 ) -> None:
     values: dict[str, Any] = {
         "to": ["a@example.com"],
@@ -357,15 +346,14 @@ def test_the_handler_refuses_a_header_field_that_skipped_validation(
         "from_address": f"Jobs{ch}Reply-To : evil@attacker.example <jobs@service.example>",
     }
     payload = EmailPayload.model_construct(**{**values, field: injected[field]})
-    ctx = JobContext(job_id="j", tenant="tenant-1", type="email", attempt=1, max_attempts=1)
     with pytest.raises(PermanentError, match="line break"):
-        send_email(payload, ctx)
-    assert smtp.messages == [] and smtp.senders == []
+        send_email(payload, make_ctx("email"))
+    assert smtp_server.messages == [] and smtp_server.senders == []
 
 
 @pytest.mark.django_db(transaction=True)
 def test_a_stored_job_with_an_injected_header_fails_and_nothing_reaches_the_server(
-    tenant: Tenant, smtp: SMTPServer
+    tenant: Tenant, smtp_server: SMTPServer
 ) -> None:
     # Stored before these checks (services take payloads the API has already validated).
     injected = {"to": "a@example.com", "subject": "Hi\x0bReply-To : evil@attacker.example"}
@@ -379,6 +367,6 @@ def test_a_stored_job_with_an_injected_header_fails_and_nothing_reaches_the_serv
     assert bad.status == JobStatus.FAILED
     assert "line breaks" in (bad.error or "")
     assert good.status == JobStatus.COMPLETED
-    assert len(smtp.messages) == 1
-    assert not any(line.lower().startswith("reply-to") for line in smtp.headers())
-    assert not any("attacker" in message for message in smtp.messages)
+    assert len(smtp_server.messages) == 1
+    assert not any(line.lower().startswith("reply-to") for line in smtp_server.headers())
+    assert not any("attacker" in message for message in smtp_server.messages)

@@ -22,21 +22,30 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from jobs import api_store, pg
 from jobs.counts import TABLE, exact_job_counts, job_counts, job_counts_drift, job_counts_rebuild
+from jobs.lifecycle import Outcome, RetryPolicy, put_back_fields
 from jobs.maintenance import jobs_prune
 from jobs.metrics import HIDDEN_NOTICE, log_metrics_access, render_metrics
 from jobs.models import Job, JobStatus, Tenant
 from jobs.services import JobSpec, job_cancel, job_enqueue, job_enqueue_batch, job_retry
 from jobs.store import (
-    Outcome,
     aclaim_jobs,
-    afinish_jobs,
+    awrite_outcomes,
     claim_jobs,
-    finish_jobs,
-    put_back_job,
     recover_expired_leases,
+    write_fenced,
+    write_outcomes,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
+POLICY = RetryPolicy(base_ms=1000, max_ms=1000)
+
+
+def planned(items: list[tuple[Job, Outcome]]) -> list[tuple[Job, dict]]:
+    """The writes the lifecycle plans for these outcomes."""
+    now = timezone.now()
+    return [(job, POLICY.after_attempt(job, outcome, now)) for job, outcome in items]
+
+
 SLEEP = JobSpec(type="sleep", payload={"delayMs": 0})
 EMAIL = JobSpec(type="email", payload={"to": "a@example.com", "subject": "s", "body": "b"})
 T = TypeVar("T")
@@ -97,21 +106,23 @@ def test_kept_counts_equal_a_real_count_after_every_kind_of_change(tenant: Tenan
     assert len(claimed) == 7
     assert_counts_exact()
 
-    finish_jobs(
-        items=[
-            (claimed[0], Outcome(result={"ok": 1})),
-            (claimed[1], Outcome(error="boom", permanent=True)),
-            (claimed[2], Outcome(error="again")),  # retried: back to PENDING
-        ]
+    write_outcomes(
+        planned=planned(
+            [
+                (claimed[0], Outcome(result={"ok": 1})),
+                (claimed[1], Outcome(error="boom", permanent=True)),
+                (claimed[2], Outcome(error="again")),  # retried: back to PENDING
+            ]
+        )
     )
-    run_async(lambda: afinish_jobs(items=[(claimed[3], Outcome(result=None))]))
+    run_async(lambda: awrite_outcomes(planned=planned([(claimed[3], Outcome(result=None))])))
     assert_counts_exact()
 
     job_cancel(tenant=tenant, job_id=api_jobs[1].id)  # PENDING -> CANCELLED
     job_retry(tenant=tenant, job_id=claimed[1].id)  # FAILED -> PENDING
-    put_back_job(job=claimed[4])
+    write_fenced(job=claimed[4], fields=put_back_fields(claimed[4], timezone.now()))
     Job.objects.filter(id=claimed[5].id).update(lease_expires_at=timezone.now() - timedelta(1))
-    assert len(recover_expired_leases(limit=10)) == 1
+    assert len(recover_expired_leases(policy=POLICY, limit=10)) == 1
     assert_counts_exact()
 
     with pytest.raises(RuntimeError), transaction.atomic():

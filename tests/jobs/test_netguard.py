@@ -4,14 +4,13 @@ every port, or on one port), down to real requests reaching or not reaching a lo
 from __future__ import annotations
 
 import ipaddress
-import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack
 from typing import Any
 
 import pytest
 
-from jobs.handlers import JobContext, PermanentError, get_handler
+from jobs.handlers import PermanentError
 from jobs.netguard import (
     AllowList,
     check_address,
@@ -19,6 +18,7 @@ from jobs.netguard import (
     normalize_host,
     parse_allow_list,
 )
+from tests.support.handlers import allow_webhook_hosts, run_async
 from tests.support.webhook_server import WebhookServer, webhook_server
 
 
@@ -252,17 +252,8 @@ def test_entries_for_one_host_on_several_ports_add_up() -> None:
 # --- the allow-list on real requests: a local receiver on an allowed port and one on another ---
 
 
-def webhook_ctx() -> JobContext:
-    return JobContext(
-        job_id=str(uuid.uuid4()), tenant="tenant-1", type="webhook", attempt=1, max_attempts=3
-    )
-
-
 async def call_webhook(url: str) -> dict[str, Any]:
-    spec = get_handler("webhook")
-    assert spec is not None
-    payload = spec.schema.model_validate({"url": url, "method": "POST", "body": {"n": 1}})
-    return await spec.func(payload, webhook_ctx())
+    return await run_async("webhook", {"url": url, "method": "POST", "body": {"n": 1}})
 
 
 def receivers(host: str) -> Iterator[tuple[WebhookServer, WebhookServer]]:
@@ -287,16 +278,12 @@ def ipv6_receivers() -> Iterator[tuple[WebhookServer, WebhookServer]]:
     yield from receivers("::1")
 
 
-def allow(settings: Any, *entries: str) -> None:
-    settings.JOBS = {**settings.JOBS, "WEBHOOK_ALLOWED_HOSTS": list(entries)}
-
-
 @pytest.mark.parametrize("spelling", ["127.0.0.1", "localhost"])
 async def test_allow_listed_port_is_reached_and_another_port_of_the_host_is_refused(
     loopback_receivers: tuple[WebhookServer, WebhookServer], settings: Any, spelling: str
 ) -> None:
     allowed, other = loopback_receivers
-    allow(settings, f"{spelling}:{allowed.port}")
+    allow_webhook_hosts(settings, f"{spelling}:{allowed.port}")
 
     result = await call_webhook(allowed.url().replace("127.0.0.1", spelling))
     assert result["statusCode"] == 200
@@ -314,7 +301,7 @@ async def test_allow_listed_ipv6_port_is_reached_and_another_port_is_refused(
     ipv6_receivers: tuple[WebhookServer, WebhookServer], settings: Any
 ) -> None:
     allowed, other = ipv6_receivers
-    allow(settings, f"[::1]:{allowed.port}")
+    allow_webhook_hosts(settings, f"[::1]:{allowed.port}")
 
     assert (await call_webhook(allowed.url()))["statusCode"] == 200
     assert len(allowed.calls("/hook")) == 1
@@ -328,7 +315,7 @@ async def test_a_host_allowed_without_a_port_is_reached_on_every_port(
 ) -> None:
     """The control for the tests above: both receivers are reachable once the port goes."""
     allowed, other = loopback_receivers
-    allow(settings, "127.0.0.1")
+    allow_webhook_hosts(settings, "127.0.0.1")
     for receiver in (allowed, other):
         assert (await call_webhook(receiver.url()))["statusCode"] == 200
         assert len(receiver.calls("/hook")) == 1

@@ -11,7 +11,7 @@ from django.db import connection
 from django.test import Client
 
 from jobs.models import Job, Tenant
-from tests.jobs.test_api import SLEEP, assert_error, post
+from tests.support.api import SLEEP, assert_error, post
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

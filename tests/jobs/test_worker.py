@@ -19,6 +19,7 @@ from pydantic import BaseModel
 
 from jobs import store
 from jobs.handlers.registry import register, unregister
+from jobs.lifecycle import Outcome, RetryPolicy
 from jobs.models import Job, JobStatus, Tenant
 from jobs.queue import entry_for, parse_claim, sync_queue
 from jobs.services import JobSpec, job_cancel, job_enqueue
@@ -171,10 +172,13 @@ def test_final_write_is_fenced_by_lease_token(tenant: Tenant) -> None:
     job = enqueue(tenant, "sleep", {"delayMs": 0})
     [claimed] = store.claim_jobs(job_ids=[str(job.id)], worker="slow")
     Job.objects.filter(id=job.id).update(lease_expires_at=timezone.now() - timedelta(seconds=1))
-    [recovered] = store.recover_expired_leases(limit=10)
+    [recovered] = store.recover_expired_leases(policy=RetryPolicy.from_settings(), limit=10)
     assert recovered.status == JobStatus.PENDING
     # The slow worker wakes up and tries to complete with its old lease: nothing is written.
-    assert store.finish_job(job=claimed, outcome=store.Outcome(result={"late": True})) is None
+    late = RetryPolicy.from_settings().after_attempt(
+        claimed, Outcome(result={"late": True}), timezone.now()
+    )
+    assert store.write_outcomes(planned=[(claimed, late)]) == [None]
     job.refresh_from_db()
     assert job.status == JobStatus.PENDING and job.result is None and job.attempts == 1
 
@@ -236,7 +240,7 @@ def test_cancel_running_job_stops_its_handler(tenant: Tenant) -> None:
             await asyncio.sleep(0.02)
         cancelled_at = time.monotonic()
         await closing(job_cancel)(tenant=tenant, job_id=job.id)
-        while worker._running:
+        while worker.running:
             assert time.monotonic() - cancelled_at < 1.0, "handler not stopped within a second"
             await asyncio.sleep(0.01)
         stopped_after = time.monotonic() - cancelled_at
@@ -256,7 +260,7 @@ def test_warm_stop_finishes_running_jobs(tenant: Tenant) -> None:
         worker = make_worker(burst=False)
         task = asyncio.create_task(worker.run())
         deadline = time.monotonic() + 10
-        while len(worker._running) < 3:
+        while len(worker.running) < 3:
             assert time.monotonic() < deadline
             await asyncio.sleep(0.01)
         worker.stop()
@@ -273,7 +277,7 @@ def test_cold_stop_puts_unfinished_jobs_back(tenant: Tenant, redis_client: Any) 
         worker = make_worker(burst=False, grace_s=0.2)
         task = asyncio.create_task(worker.run())
         deadline = time.monotonic() + 10
-        while not worker._running:
+        while not worker.running:
             assert time.monotonic() < deadline
             await asyncio.sleep(0.01)
         await asyncio.sleep(0.05)
@@ -300,15 +304,13 @@ def test_cold_stop_before_jobs_start_still_puts_them_back(tenant: Tenant) -> Non
 
     async def scenario() -> None:
         worker = make_worker(burst=False)
-        started, _ = await worker._claim_and_start(2)
+        started, _ = await worker.claim_and_start(2)
         assert started == 2
         # Both signals arrive before the job tasks ever ran a step.
         worker.stop()
         worker.stop()
-        await worker._drain()
-        await worker._unregister()
-        worker.store.close()
-        await worker.redis.aclose()
+        await worker.drain()
+        await worker.close()
 
     asyncio.run(scenario())
     for job in jobs:
@@ -486,11 +488,10 @@ def test_database_error_during_a_claim_puts_the_ids_back(tenant: Tenant, redis_c
         async def database_down(**kwargs: Any) -> list[Job]:
             raise OperationalError("server closed the connection unexpectedly")
 
-        worker.store.claim = database_down  # type: ignore[method-assign]
+        worker.jobs.claim = database_down  # type: ignore[method-assign]
         with pytest.raises(OperationalError):
-            await worker._claim_and_start(5)
-        worker.store.close()
-        await worker.redis.aclose()
+            await worker.claim_and_start(5)
+        await worker.close()
 
     asyncio.run(scenario())
     queue = sync_queue()
@@ -539,7 +540,7 @@ def test_reconciliation_skips_an_unreadable_row(
 
 def test_one_failing_maintenance_task_does_not_stop_the_others(tenant: Tenant) -> None:
     worker = make_worker()
-    worker.reconcile_interval_s = 0
+    worker.upkeep.reconcile_interval_s = 0
     ran: list[str] = []
     reconciled_twice = asyncio.Event()
 
@@ -553,18 +554,47 @@ def test_one_failing_maintenance_task_does_not_stop_the_others(tenant: Tenant) -
             reconciled_twice.set()
         return 0
 
-    worker.recover = broken_recovery  # type: ignore[method-assign]
-    worker.reconcile = reconcile  # type: ignore[method-assign]
+    worker.upkeep.recover = broken_recovery  # type: ignore[method-assign]
+    worker.upkeep.reconcile = reconcile  # type: ignore[method-assign]
 
     async def scenario() -> None:
-        loop = asyncio.create_task(worker._maintenance_loop())
+        loop = asyncio.create_task(worker.upkeep.run_forever())
         try:
             await reconciled_twice.wait()
         finally:
             loop.cancel()
             await asyncio.gather(loop, return_exceptions=True)
-            worker.store.close()
-            await worker.redis.aclose()
+            await worker.close()
 
     asyncio.run(asyncio.wait_for(scenario(), timeout=20))
     assert ran.count("recover") >= 2
+
+
+def test_a_side_task_that_dies_stops_the_worker_and_puts_its_jobs_back(
+    tenant: Tenant, caplog: Any
+) -> None:
+    """Without a supervisor, a dead outcome writer left the worker claiming jobs whose outcomes
+    could never be written (each job task waiting forever)."""
+    job = enqueue(tenant, "sleep", {"delayMs": 20_000})
+
+    async def scenario() -> int:
+        worker = make_worker(burst=False)
+
+        async def writer_that_breaks() -> None:
+            # Once the job is running, as if a write had crashed the writer.
+            await asyncio.sleep(0.5)
+            assert worker.running
+            raise RuntimeError("writer broke")
+
+        worker.outcomes.run_forever = writer_that_breaks  # type: ignore[method-assign]
+        return await worker.run()
+
+    with caplog.at_level("ERROR", logger="jobs.worker"):
+        code = asyncio.run(asyncio.wait_for(scenario(), timeout=30))
+    assert code == 1
+    job.refresh_from_db()
+    assert job.status == JobStatus.PENDING and job.attempts == 0
+    assert any(
+        r.getMessage().startswith("outcome writer stopped (RuntimeError: writer broke)")
+        for r in caplog.records
+    )

@@ -12,7 +12,8 @@ from django.utils import timezone
 
 from jobs.models import ApiKey, Tenant
 from realtime.auth import api_key_from_scope, origin_allowed
-from tests.realtime.conftest import (
+from tests.support.users import create_operator
+from tests.support.websocket import (
     ALLOWED_ORIGIN,
     FOREIGN_ORIGIN,
     assert_alive,
@@ -22,7 +23,6 @@ from tests.realtime.conftest import (
     session_cookie,
     subscribe,
 )
-from tests.support.users import create_operator
 
 # Async code reads the database from another thread: rows must be committed.
 socket_db = pytest.mark.django_db(transaction=True)

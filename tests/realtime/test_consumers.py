@@ -15,15 +15,15 @@ from django.utils import timezone
 
 from jobs.models import Job, JobStatus, Tenant
 from jobs.queue import async_queue
-from realtime.broadcast import abroadcast, iso, job_update_message
+from realtime.broadcast import iso, job_update_message, update_messages
 from realtime.consumers import REPLAY_TRUNCATED, UPDATES_DROPPED, JobUpdatesConsumer
 from realtime.hub import get_hub, updates_channel
-from tests.realtime.conftest import (
+from tests.support.jobs import amake_job
+from tests.support.websocket import (
     ALLOWED_ORIGIN,
     RECEIVE_TIMEOUT,
     ReplayGate,
     assert_alive,
-    create_job,
     open_ws,
     receive,
     subscribe,
@@ -55,12 +55,12 @@ async def advance(job: Job, status: str, **changes: Any) -> Job:
 
 
 async def publish(jobs: list[Job]) -> None:
-    """Publish the jobs' updates as the API and the workers do."""
-    await abroadcast(async_queue().client, jobs)
+    """Publish the jobs' updates as the API and the workers do (without indexing them)."""
+    await async_queue().enqueue([], publish=update_messages(jobs))
 
 
 async def create_and_broadcast(tenant: Tenant) -> Job:
-    job = await create_job(tenant)
+    job = await amake_job(tenant)
     await publish([job])
     return job
 
@@ -108,7 +108,7 @@ async def test_resubscribe_is_idempotent(api_key: str, tenant: Tenant) -> None:
 
 # --- live updates ---------------------------------------------------------------------------
 async def test_job_update_arrives_with_all_fields(api_key: str, tenant: Tenant) -> None:
-    job = await create_job(tenant)
+    job = await amake_job(tenant)
     async with open_ws(token=api_key) as comm:
         await subscribe(comm, "tenant-1")
         await advance(job, JobStatus.COMPLETED, attempts=1, result={"sleptMs": 0}, error=None)
@@ -132,8 +132,8 @@ async def test_job_update_arrives_with_all_fields(api_key: str, tenant: Tenant) 
 async def test_other_tenants_updates_never_arrive(
     api_key: str, tenant: Tenant, other_tenant: Tenant
 ) -> None:
-    foreign = await create_job(other_tenant)
-    own = await create_job(tenant)
+    foreign = await amake_job(other_tenant)
+    own = await amake_job(tenant)
     async with open_ws(token=api_key) as comm:
         await subscribe(comm, "tenant-1")
         await advance(foreign, JobStatus.RUNNING)
@@ -146,7 +146,7 @@ async def test_other_tenants_updates_never_arrive(
 
 
 async def test_updates_of_one_job_keep_their_order(api_key: str, tenant: Tenant) -> None:
-    job = await create_job(tenant)
+    job = await amake_job(tenant)
     async with open_ws(token=api_key) as comm:
         await subscribe(comm, "tenant-1")
         await advance(job, JobStatus.RUNNING, attempts=1)
@@ -164,7 +164,7 @@ async def test_updates_of_one_job_keep_their_order(api_key: str, tenant: Tenant)
 
 
 async def test_unsubscribe_stops_updates(api_key: str, tenant: Tenant) -> None:
-    job = await create_job(tenant)
+    job = await amake_job(tenant)
     async with open_ws(token=api_key) as leaver, open_ws(token=api_key) as stayer:
         await subscribe(leaver, "tenant-1")
         await subscribe(stayer, "tenant-1")
@@ -183,7 +183,7 @@ async def test_unsubscribe_stops_updates(api_key: str, tenant: Tenant) -> None:
 async def test_staff_receives_updates_of_every_subscribed_tenant(
     tenant: Tenant, other_tenant: Tenant, staff_cookie: tuple[bytes, bytes]
 ) -> None:
-    first, second = await create_job(tenant), await create_job(other_tenant)
+    first, second = await amake_job(tenant), await amake_job(other_tenant)
     async with open_ws(headers=[staff_cookie, (b"origin", ALLOWED_ORIGIN)]) as comm:
         await subscribe(comm, "tenant-1")
         await subscribe(comm, "tenant-2")
@@ -226,11 +226,11 @@ async def test_since_replays_newer_jobs_oldest_first(
     api_key: str, tenant: Tenant, other_tenant: Tenant
 ) -> None:
     now = timezone.now()
-    await create_job(tenant, updated_at=now - timedelta(hours=2))  # before `since`
-    newest = await create_job(tenant, updated_at=now - timedelta(minutes=1))
-    oldest = await create_job(tenant, updated_at=now - timedelta(minutes=50))
-    middle = await create_job(tenant, updated_at=now - timedelta(minutes=10), status="FAILED")
-    await create_job(other_tenant, updated_at=now - timedelta(minutes=5))
+    await amake_job(tenant, updated_at=now - timedelta(hours=2))  # before `since`
+    newest = await amake_job(tenant, updated_at=now - timedelta(minutes=1))
+    oldest = await amake_job(tenant, updated_at=now - timedelta(minutes=50))
+    middle = await amake_job(tenant, updated_at=now - timedelta(minutes=10), status="FAILED")
+    await amake_job(other_tenant, updated_at=now - timedelta(minutes=5))
 
     async with open_ws(token=api_key) as comm:
         # SUBSCRIBED comes first, then the replay.
@@ -261,7 +261,7 @@ async def test_replay_is_bounded_and_says_where_to_resume(
 ) -> None:
     settings.JOBS = {**settings.JOBS, "SINCE_REPLAY_LIMIT": 2}
     now = timezone.now()
-    jobs = [await create_job(tenant, updated_at=now - timedelta(minutes=m)) for m in (3, 2, 1)]
+    jobs = [await amake_job(tenant, updated_at=now - timedelta(minutes=m)) for m in (3, 2, 1)]
     async with open_ws(token=api_key) as comm:
         await subscribe(comm, "tenant-1", since=iso(now - timedelta(hours=1)))
         assert [(await receive(comm))["jobId"] for _ in range(2)] == [
@@ -285,8 +285,8 @@ async def test_live_update_older_than_the_replay_is_not_sent(
     api_key: str, tenant: Tenant, replay_gate: ReplayGate
 ) -> None:
     now = timezone.now()
-    job = await create_job(tenant, updated_at=now, status=JobStatus.COMPLETED)
-    other = await create_job(tenant, updated_at=now - timedelta(hours=3))
+    job = await amake_job(tenant, updated_at=now, status=JobStatus.COMPLETED)
+    other = await amake_job(tenant, updated_at=now - timedelta(hours=3))
     async with open_ws(token=api_key) as comm:
         await subscribe(comm, "tenant-1", since=iso(now - timedelta(hours=1)))
         await replay_gate.wait_entered()
@@ -308,7 +308,7 @@ async def test_update_committed_during_the_replay_is_not_lost(
     api_key: str, tenant: Tenant, replay_gate: ReplayGate
 ) -> None:
     now = timezone.now()
-    job = await create_job(tenant, updated_at=now - timedelta(minutes=5))
+    job = await amake_job(tenant, updated_at=now - timedelta(minutes=5))
     replay_gate.after_read = True
     async with open_ws(token=api_key) as comm:
         await subscribe(comm, "tenant-1", since=iso(now - timedelta(hours=1)))
@@ -325,7 +325,7 @@ async def test_overflowing_client_is_told_updates_were_dropped(
     monkeypatch: pytest.MonkeyPatch, api_key: str, tenant: Tenant, replay_gate: ReplayGate
 ) -> None:
     monkeypatch.setattr("realtime.consumers.LIVE_BUFFER_MAX", 5)
-    job = await create_job(tenant)
+    job = await amake_job(tenant)
     async with open_ws(token=api_key) as slow, open_ws(token=api_key) as fast:
         await subscribe(fast, "tenant-1")
         await subscribe(slow, "tenant-1", since=iso(timezone.now()))

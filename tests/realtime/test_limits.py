@@ -17,10 +17,12 @@ from channels.testing import WebsocketCommunicator
 from django.utils import timezone
 
 from jobs.models import Job, JobStatus, Tenant
+from jobs.queue import Queue
 from jobs.services import api_key_create
 from realtime.hub import get_hub
-from realtime.limits import PROCESS_TTL_S, Presence, open_connections
-from tests.realtime.conftest import (
+from realtime.limits import PROCESS_TTL_S, Presence
+from tests.support.websocket import (
+    ALLOWED_ORIGIN,
     RECEIVE_TIMEOUT,
     assert_alive,
     communicator,
@@ -58,9 +60,7 @@ async def sockets(token: str, count: int) -> AsyncIterator[list[WebsocketCommuni
 
 def redis_open(redis_client: redis.Redis, prefix: str) -> int:
     """The deployment's open sockets as /metrics reports them."""
-    from realtime.limits import open_connections_sync
-
-    return open_connections_sync(redis_client, prefix)
+    return Queue(redis_client, prefix=prefix).open_sockets()
 
 
 # --- socket caps ----------------------------------------------------------------------------
@@ -131,8 +131,6 @@ async def test_staff_sockets_are_counted_but_not_capped(
     redis_client: redis.Redis,
     redis_prefix: str,
 ) -> None:
-    from tests.realtime.conftest import ALLOWED_ORIGIN
-
     set_jobs(settings, WS_MAX_PER_KEY=1, WS_MAX_PER_TENANT=1)
     headers = [staff_cookie, (b"origin", ALLOWED_ORIGIN)]
     async with open_ws(headers=headers), open_ws(headers=headers):
@@ -152,7 +150,7 @@ async def test_a_killed_consumer_is_no_longer_counted_nor_delivered_to(
         await subscribe(comm, tenant.id)
     assert redis_open(redis_client, redis_prefix) == 5
     hub = get_hub()
-    assert len(hub._channels[f"{redis_prefix}:updates:{tenant.id}"].listeners) == 5
+    assert hub.listener_count(tenant.id) == 5
 
     for comm in comms:
         comm.future.cancel()
@@ -164,7 +162,7 @@ async def test_a_killed_consumer_is_no_longer_counted_nor_delivered_to(
         await asyncio.sleep(0.05)
     assert redis_open(redis_client, redis_prefix) == 0
     assert hub.attached(Presence).open == 0
-    assert f"{redis_prefix}:updates:{tenant.id}" not in hub._channels
+    assert hub.listener_count(tenant.id) == 0
 
 
 async def test_counts_of_a_process_are_rewritten_from_memory_and_expire_with_it(
@@ -178,17 +176,10 @@ async def test_counts_of_a_process_are_rewritten_from_memory_and_expire_with_it(
         await presence.sync()
         assert redis_open(redis_client, redis_prefix) == 2
         assert 0 < redis_client.pttl(own) <= PROCESS_TTL_S * 1000
-        assert await open_connections(redis_client_async(), redis_prefix) == 2
     # The last socket closed: the process's counts go (the hub's close removes them too).
     await get_hub().attached(Presence).sync()
     assert redis_open(redis_client, redis_prefix) == 0
     assert not redis_client.exists(own)
-
-
-def redis_client_async() -> Any:
-    from jobs.queue import async_queue
-
-    return async_queue().client
 
 
 # --- replay budget --------------------------------------------------------------------------

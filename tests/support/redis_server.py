@@ -1,9 +1,9 @@
-"""A private redis-server on a free port, which a fault test may kill, restart and flush."""
+"""Redis that fails on purpose: a private redis-server on a free port, which a fault test may
+kill, restart and flush; or no Redis at all for this process's own client."""
 
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -11,14 +11,16 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import redis
+from django.test import override_settings
+
+from jobs.queue import sync_client
+from tests.support.stack import free_port
 
 
 class PrivateRedis:
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = sock.getsockname()[1]
+        self.port = free_port()
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -72,3 +74,15 @@ def private_redis(workdir: Path) -> Iterator[PrivateRedis]:
         yield server
     finally:
         server.kill()
+
+
+@contextmanager
+def unreachable_redis() -> Iterator[None]:
+    """REDIS_URL pointing where nothing listens, for this process's (cached) Redis client too;
+    the real Redis again afterwards."""
+    sync_client.cache_clear()
+    try:
+        with override_settings(REDIS_URL=f"redis://127.0.0.1:{free_port()}/0"):
+            yield
+    finally:
+        sync_client.cache_clear()

@@ -1,5 +1,6 @@
-"""Real processes: the API (`manage.py serve`) and `runworker_jobs` started as subprocesses
-against the test database and this test's Redis prefix."""
+"""Real processes for end-to-end tests: the API (`manage.py serve`) and `runworker_jobs` started
+as subprocesses against the test database and this test's Redis prefix, plus the small helpers
+every process test needs (a free port, a poll with a deadline, the health check)."""
 
 from __future__ import annotations
 
@@ -10,31 +11,35 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 from django.conf import settings
 from django.db import connection
 
 ROOT = Path(__file__).resolve().parents[2]
+SECRET_KEY = "e2e-test-secret-key-0123456789-abcdefghijklmnopqrstuvwxyz"
 
 
 def free_port() -> int:
+    """A local TCP port nothing listens on (until someone binds it)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
 
-def test_database_url() -> str:
+def session_database_url() -> str:
+    """The URL of the database this test session runs on, for a subprocess to use."""
     db = connection.settings_dict
     auth = db["USER"] + (f":{db['PASSWORD']}" if db["PASSWORD"] else "")
     return f"postgres://{auth}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}"
 
 
 def wait_until(predicate: Callable[[], Any], *, timeout: float, message: str) -> Any:
+    """Poll `predicate` until it returns something truthy (returned); fail after `timeout`."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
@@ -143,26 +148,33 @@ class Stack:
             proc.wait()
 
 
-@pytest.fixture
-def stack(transactional_db: None, redis_prefix: str, tmp_path: Path) -> Iterator[Stack]:
+def stack_env(*, redis_prefix: str, tmp: Path) -> dict[str, str]:
+    """The environment of this test's processes: the test database, this test's Redis prefix,
+    mail to files under `tmp`, short leases and retries, webhooks allowed to 127.0.0.1."""
     env = {
         **os.environ,
-        "DATABASE_URL": test_database_url(),
+        "DATABASE_URL": session_database_url(),
         "REDIS_URL": settings.REDIS_URL,
         "JOBS_REDIS_PREFIX": redis_prefix,
-        "SECRET_KEY": "e2e-test-secret-key-0123456789-abcdefghijklmnopqrstuvwxyz",
+        "SECRET_KEY": SECRET_KEY,
         "DEBUG": "0",
         "ALLOWED_HOSTS": "127.0.0.1,localhost",
         "JOBS_WEBHOOK_ALLOWED_HOSTS": "127.0.0.1",
-        "EMAIL_URL": f"file://{tmp_path / 'mail'}",
+        "EMAIL_URL": f"file://{tmp / 'mail'}",
         "JOBS_LEASE_S": "2",
         "JOBS_RETRY_BASE_MS": "50",
         "JOBS_RETRY_MAX_MS": "200",
         "PYTHONUNBUFFERED": "1",
     }
     env.pop("PYTEST_CURRENT_TEST", None)
-    running = Stack(env=env, tmp=tmp_path)
+    return env
+
+
+@contextmanager
+def running_stack(*, redis_prefix: str, tmp: Path) -> Iterator[Stack]:
+    """A Stack with nothing started yet; whatever the test starts is stopped at the end."""
+    stack = Stack(env=stack_env(redis_prefix=redis_prefix, tmp=tmp), tmp=tmp)
     try:
-        yield running
+        yield stack
     finally:
-        running.stop()
+        stack.stop()

@@ -1,11 +1,10 @@
 -- ARGV: prefix, tenant, rate (rows/s), burst (rows), wanted (rows; negative gives rows back).
 -- A token bucket of replayed rows per tenant: takes up to `wanted` rows. Returns
 -- {granted, ms until one row is available again (when none was granted)}.
-local prefix, tenant = ARGV[1], ARGV[2]
+local tenant = ARGV[2]
 local rate, burst, wanted = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
-local key = prefix .. ':replay:' .. tenant
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local key = replay_key(tenant)
+local now = now_ms()
 local state = redis.call('HMGET', key, 'tokens', 'at')
 local tokens = tonumber(state[1]) or burst
 local at = tonumber(state[2]) or now

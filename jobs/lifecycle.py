@@ -1,0 +1,289 @@
+"""Every transition of a job's status, in one place.
+
+    create ─► PENDING ─claim─► RUNNING ─finish─► COMPLETED | FAILED | PENDING (a retry, later)
+                 │                │ put_back (its worker is stopping) ─► PENDING, attempt not spent
+                 │                │ recover (its lease expired) ─► PENDING | FAILED
+                 └─── cancel ─────┴─► CANCELLED
+    FAILED | CANCELLED ─retry─► PENDING (attempts reset)
+
+Each transition takes its decision from the `RetryPolicy` where attempts matter, writes through
+`jobs.store` (a worker's writes are fenced by its lease token), and ends in `publish`: jobs that
+are runnable go (back) into the Redis index, every change is broadcast to its tenant's
+subscribers, and the event is counted, in one Redis call. The API's services and the worker call
+these functions; nothing else writes a job's status.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+
+from jobs import store
+from jobs.models import Job, JobStatus
+from jobs.queue import Queue, async_queue, entry_for, sync_queue
+from realtime.broadcast import update_messages
+
+logger = logging.getLogger(__name__)
+
+# The events of SPEC's metrics a transition counts when it publishes.
+CREATED, CANCELLED = "created", "cancelled"
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """The result of one attempt, as the worker hands it over."""
+
+    result: Any = None
+    error: str | None = None
+    permanent: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """When a job that did not succeed runs again: exponential backoff with full jitter, until
+    its attempts are spent. The one rule for "attempts used up, so FAILED"."""
+
+    base_ms: int
+    max_ms: int
+
+    @classmethod
+    def from_settings(cls) -> RetryPolicy:
+        return cls(base_ms=settings.JOBS["RETRY_BASE_MS"], max_ms=settings.JOBS["RETRY_MAX_MS"])
+
+    def backoff(self, attempt: int) -> timedelta:
+        """Uniform in [0, min(max, base * 2**(attempt-1))]."""
+        ceiling = min(self.max_ms, self.base_ms * (2 ** max(0, min(attempt - 1, 40))))
+        return timedelta(milliseconds=random.uniform(0, ceiling))
+
+    @staticmethod
+    def spent(job: Job) -> bool:
+        """The job has used every attempt it may make."""
+        return job.attempts >= job.max_attempts
+
+    def after_attempt(self, job: Job, outcome: Outcome, now: datetime) -> dict[str, Any]:
+        """The columns an attempt's outcome writes: COMPLETED, FAILED, or PENDING again."""
+        fields: dict[str, Any] = {
+            "updated_at": now,
+            "lease_token": None,
+            "lease_expires_at": None,
+            "finished_at": None,
+            "run_at": job.run_at,
+        }
+        if outcome.ok:
+            fields.update(
+                status=JobStatus.COMPLETED, result=outcome.result, error=None, finished_at=now
+            )
+        elif outcome.permanent or self.spent(job):
+            fields.update(
+                status=JobStatus.FAILED, result=None, error=outcome.error, finished_at=now
+            )
+        else:
+            fields.update(
+                status=JobStatus.PENDING,
+                result=None,
+                error=outcome.error,
+                run_at=now + self.backoff(job.attempts),
+            )
+        return fields
+
+    def after_lost_lease(self, job: Job, now: datetime) -> dict[str, Any]:
+        """The columns of a RUNNING job whose worker stopped heartbeating: the attempt counts."""
+        fields: dict[str, Any] = {
+            "updated_at": now,
+            "lease_token": None,
+            "lease_expires_at": None,
+            "locked_by": None,
+            "error": f"worker {job.locked_by} stopped heartbeating (lease expired)",
+        }
+        if self.spent(job):
+            fields.update(status=JobStatus.FAILED, finished_at=now)
+        else:
+            fields.update(status=JobStatus.PENDING, run_at=now)
+        return fields
+
+
+def put_back_fields(job: Job, now: datetime) -> dict[str, Any]:
+    """The columns of a job its worker gives back unfinished (shutdown): runnable now, the
+    attempt not spent."""
+    return {
+        "status": JobStatus.PENDING,
+        "attempts": max(0, job.attempts - 1),
+        "run_at": now,
+        "updated_at": now,
+        "lease_token": None,
+        "lease_expires_at": None,
+        "locked_by": None,
+    }
+
+
+# --- publish: the one step every transition ends in -----------------------------------------
+def announcement(queue: Queue, jobs: Sequence[Job], *, event: str | None) -> dict[str, Any]:
+    """The arguments of `Queue.enqueue` for a change: runnable (PENDING) jobs are indexed (an id
+    already there is left as it is), every job is broadcast, `event` is counted per job."""
+    return {
+        "entries": [entry_for(job) for job in jobs if job.status == JobStatus.PENDING],
+        "publish": update_messages(jobs, queue.prefix),
+        "counters": queue.event_increments(event, jobs) if event else [],
+    }
+
+
+def _not_published(jobs: Sequence[Job]) -> None:
+    # The rows are durable: reconciliation indexes PENDING jobs again, subscribers catch up
+    # with `since`. A change is never undone because Redis was away.
+    logger.exception(
+        "publishing job changes to Redis failed; reconciliation will requeue job_ids=%s",
+        ",".join(str(job.id) for job in jobs[:10]),
+    )
+
+
+def publish(jobs: Sequence[Job], *, event: str | None = None) -> None:
+    """Index, broadcast and count committed changes, in one round trip; never raises."""
+    if not jobs:
+        return
+    queue = sync_queue()
+    try:
+        queue.enqueue(**announcement(queue, jobs, event=event))
+    except Exception:
+        _not_published(jobs)
+
+
+async def apublish(
+    jobs: Sequence[Job], *, event: str | None = None, queue: Queue | None = None
+) -> None:
+    """`publish` on an asyncio client (the event loop's, or the worker's own `queue`)."""
+    if not jobs:
+        return
+    queue = queue or async_queue()
+    try:
+        await queue.enqueue(**announcement(queue, jobs, event=event))
+    except Exception:
+        _not_published(jobs)
+
+
+def publish_on_commit(jobs: Sequence[Job], *, event: str | None = None) -> None:
+    """`publish` once the current transaction commits (at once outside one)."""
+    transaction.on_commit(lambda: publish(jobs, event=event))
+
+
+# --- the API's transitions (inside the caller's transaction, on a locked row) ----------------
+def cancel(job: Job) -> Job:
+    """PENDING or RUNNING -> CANCELLED. A RUNNING job's lease is cleared, which fences out its
+    worker (its final write matches no row); after commit the worker is told to stop the
+    handler, or the id leaves the Redis index."""
+    was_running = job.status == JobStatus.RUNNING
+    now = timezone.now()
+    fields = {
+        "status": JobStatus.CANCELLED,
+        "finished_at": now,
+        "updated_at": now,
+        "error": "cancelled",
+        "lease_token": None,
+        "lease_expires_at": None,
+    }
+    store.write_row(job, fields)
+
+    def after() -> None:
+        try:
+            queue = sync_queue()
+            if was_running:
+                queue.publish_cancel(str(job.id))
+            else:
+                queue.remove([entry_for(job)])
+        except Exception:
+            # A PENDING id left in Redis is harmless: the claim's compare-and-set skips it.
+            logger.exception("cancel signal to Redis failed job_id=%s", job.id)
+        publish([job], event=CANCELLED)
+
+    transaction.on_commit(after)
+    return job
+
+
+def retry(job: Job) -> Job:
+    """FAILED or CANCELLED -> PENDING, runnable now, with its attempts reset."""
+    now = timezone.now()
+    fields = {
+        "status": JobStatus.PENDING,
+        "attempts": 0,
+        "error": None,
+        "result": None,
+        "run_at": now,
+        "started_at": None,
+        "finished_at": None,
+        "updated_at": now,
+        "locked_by": None,
+    }
+    store.write_row(job, fields)
+    publish_on_commit([job])
+    return job
+
+
+# --- the worker's transitions -----------------------------------------------------------------
+class WorkerTransitions:
+    """A worker's transitions: its database calls (`store.JobStore`), its Redis `queue`."""
+
+    def __init__(self, *, jobs: store.JobStore, queue: Queue, policy: RetryPolicy) -> None:
+        self.jobs = jobs
+        self.queue = queue
+        self.policy = policy
+
+    async def claim(self, *, job_ids: list[str], worker: str) -> list[Job]:
+        """PENDING -> RUNNING for the due ones among `job_ids` (compare-and-set: an id another
+        worker took, or a cancelled one, is not claimed)."""
+        jobs = await self.jobs.claim(job_ids=job_ids, worker=worker)
+        await apublish(jobs, queue=self.queue)
+        await self._count(self.queue.record_starts, jobs)
+        return jobs
+
+    async def finish(self, items: list[tuple[Job, Outcome]]) -> list[Job | None]:
+        """Write attempts' outcomes together (one transaction); None where the lease was lost."""
+        now = timezone.now()
+        planned = [(job, self.policy.after_attempt(job, outcome, now)) for job, outcome in items]
+        written = await self.jobs.write_outcomes(planned=planned)
+        changed = [job for job in written if job is not None]
+        await apublish(changed, queue=self.queue)
+        await self._count(self.queue.record_outcomes, changed, now)
+        return written
+
+    async def put_back(self, job: Job) -> Job | None:
+        """RUNNING -> PENDING for a job this worker gives back unfinished."""
+        written = await self.jobs.write_fenced(job=job, fields=put_back_fields(job, timezone.now()))
+        if written is not None:
+            await apublish([written], queue=self.queue)
+        return written
+
+    async def report_progress(self, job: Job, percent: int, message: str | None) -> None:
+        """Store and broadcast a RUNNING job's progress (fenced: nothing if the lease is lost)."""
+        written = await self.jobs.set_progress(job=job, percent=percent, message=message)
+        if written is not None:
+            await apublish([written], queue=self.queue)
+
+    async def recover(self, *, limit: int = 500) -> list[Job]:
+        """RUNNING jobs whose lease expired (their worker died) -> PENDING or FAILED."""
+        recovered = await self.jobs.recover_expired(policy=self.policy, limit=limit)
+        await apublish(recovered, queue=self.queue)
+        await self._count(self.queue.record_outcomes, recovered, timezone.now())
+        return recovered
+
+    @staticmethod
+    async def _count(
+        record: Callable[..., Awaitable[None]], jobs: Sequence[Job], *args: Any
+    ) -> None:
+        """Add to the Redis-kept counters and histograms; never fails a job."""
+        if not jobs:
+            return
+        try:
+            await record(jobs, *args)
+        except Exception as exc:
+            logger.warning("metrics not recorded (%s)", exc)

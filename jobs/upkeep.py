@@ -1,0 +1,106 @@
+"""What every worker does besides running jobs, so that the cluster heals itself: put back the
+claims and leases of workers that died, copy tenants' concurrency limits into Redis, and push
+PENDING jobs that Redis lost (flushed, restarted, a push that failed). Each task runs and fails
+on its own: one that keeps failing (a row it cannot read, say) must not stop the others."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+
+from django.utils import timezone
+
+from jobs.lifecycle import WorkerTransitions
+from jobs.queue import Queue, entry_for
+from jobs.store import JobStore
+
+logger = logging.getLogger("jobs.worker")
+
+RECONCILE_BATCH = 1000
+RECONCILE_LOCK = "reconcile"
+
+
+class Upkeep:
+    """The maintenance tasks of the worker called `name`."""
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        queue: Queue,
+        jobs: JobStore,
+        transitions: WorkerTransitions,
+        lease_s: int,
+        reconcile_interval_s: int,
+    ) -> None:
+        self.name = name
+        self.queue = queue
+        self.jobs = jobs
+        self.transitions = transitions
+        self.lease_s = lease_s
+        self.reconcile_interval_s = reconcile_interval_s
+
+    async def run_forever(self) -> None:
+        """Recovery and limit sync every third of a lease, reconciliation every interval."""
+        every = max(0.5, self.lease_s / 3)
+        last_reconcile = 0.0
+        while True:
+            await self._each("recovery", self.recover)
+            await self._each("limit sync", self.sync_limits)
+            if time.monotonic() - last_reconcile >= self.reconcile_interval_s:
+                last_reconcile = time.monotonic()
+                await self._each("reconciliation", self.reconcile)
+            await asyncio.sleep(every)
+
+    async def _each(self, task: str, run: Callable[[], Awaitable[object]]) -> None:
+        try:
+            await run()
+        except Exception as exc:
+            logger.warning("maintenance failed: %s: %s", task, exc, extra={"worker": self.name})
+
+    async def recover(self) -> int:
+        """Put back what dead workers held: their Redis claims and their expired leases."""
+        silent_since_ms = int((time.time() - self.lease_s) * 1000)
+        for name in await self.queue.dead_workers(silent_since_ms=silent_since_ms):
+            if name != self.name:
+                count = await self.queue.requeue(worker=name)
+                logger.info(
+                    "worker %s is gone: requeued %s claimed ids",
+                    name,
+                    count,
+                    extra={"worker": self.name},
+                )
+        recovered = await self.transitions.recover()
+        for job in recovered:
+            logger.info(
+                "recovered from a dead worker -> %s",
+                job.status,
+                extra={"worker": self.name, "job_id": str(job.id), "tenant": job.tenant_id},
+            )
+        return len(recovered)
+
+    async def sync_limits(self) -> None:
+        await self.queue.replace_tenant_limits(await self.jobs.tenant_limits())
+
+    async def reconcile(self) -> int:
+        """Push PENDING jobs due soon that Redis may have lost. Pushing an id that is already
+        there is a no-op; one worker at a time does it (a short Redis lock)."""
+        ttl_s = max(5.0, self.reconcile_interval_s / 2)
+        if not await self.queue.try_lock(RECONCILE_LOCK, owner=self.name, ttl_s=ttl_s):
+            return 0
+        horizon = timezone.now() + timedelta(seconds=self.reconcile_interval_s)
+        after = None
+        pushed = 0
+        while True:
+            batch = await self.jobs.pending(after=after, horizon=horizon, limit=RECONCILE_BATCH)
+            if not batch:
+                break
+            await self.queue.enqueue(entry_for(job) for job in batch)
+            pushed += len(batch)
+            after = batch[-1].created_at
+            if len(batch) < RECONCILE_BATCH:
+                break
+        return pushed
