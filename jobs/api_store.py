@@ -25,11 +25,14 @@ FIELDS = [field.attname for field in Job._meta.concrete_fields]
 COLUMNS = ", ".join(field.column for field in Job._meta.concrete_fields)
 JSON_FIELDS = frozenset({"payload", "result"})
 TABLE = Job._meta.db_table
-_INSERT = f"INSERT INTO {TABLE} ({COLUMNS}) VALUES ({', '.join(['%s'] * len(FIELDS))})"
+_VALUES = f"INSERT INTO {TABLE} ({COLUMNS}) VALUES ({', '.join(['%s'] * len(FIELDS))})"
+# The cursor is the database's (a trigger sets it, jobs/cursors.py): every insert reads it back.
+_INSERT = f"{_VALUES} RETURNING cursor"
 _INSERT_IDEMPOTENT = (
-    f"{_INSERT} ON CONFLICT (tenant_id, idempotency_key) WHERE idempotency_key IS NOT NULL "
-    "DO NOTHING RETURNING id"
+    f"{_VALUES} ON CONFLICT (tenant_id, idempotency_key) WHERE idempotency_key IS NOT NULL "
+    "DO NOTHING RETURNING cursor"
 )
+_CURSORS = f"SELECT id, cursor FROM {TABLE} WHERE id = ANY(%s)"
 _SELECT_ONE = f"SELECT {COLUMNS} FROM {TABLE} WHERE id = %s AND tenant_id = %s"
 _SELECT_IDEMPOTENT = f"SELECT {COLUMNS} FROM {TABLE} WHERE tenant_id = %s AND idempotency_key = %s"
 _FREE_IDEMPOTENCY_KEY = (
@@ -59,14 +62,19 @@ def job_from_row(row: Sequence[Any]) -> Job:
 async def insert_job(job: Job) -> None:
     """INSERT one new job (one statement, committed)."""
     async with _connection() as conn:
-        await conn.execute(_INSERT, _row(job))
+        cursor = await conn.execute(_INSERT, _row(job))
+        (job.cursor,) = await cursor.fetchone()
 
 
 async def insert_idempotent(job: Job) -> bool:
     """INSERT a job carrying an idempotency key; False if the tenant already has that key."""
     async with _connection() as conn:
         cursor = await conn.execute(_INSERT_IDEMPOTENT, _row(job))
-        return await cursor.fetchone() is not None
+        row = await cursor.fetchone()
+    if row is None:
+        return False
+    (job.cursor,) = row
+    return True
 
 
 async def find_by_idempotency_key(*, tenant_id: str, key: str) -> Job | None:
@@ -83,12 +91,17 @@ async def free_idempotency_key(*, job_id: uuid.UUID, key: str) -> None:
 
 
 async def insert_jobs(jobs: Sequence[Job]) -> None:
-    """Insert many jobs with one COPY (one statement: all rows or none)."""
-    async with _connection() as conn:
+    """Insert many jobs with one COPY (one statement: all rows or none), then read the cursors
+    the database gave them, in the same transaction."""
+    async with _connection() as conn, conn.transaction():
         cursor = conn.cursor()
         async with cursor.copy(_COPY) as copy:
             for job in jobs:
                 await copy.write_row(_row(job))
+        await cursor.execute(_CURSORS, ([job.id for job in jobs],))
+        cursors = dict(await cursor.fetchall())
+    for job in jobs:
+        job.cursor = cursors[job.id]
 
 
 async def get_job(*, tenant_id: str, job_id: uuid.UUID) -> Job | None:

@@ -26,7 +26,7 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from jobs import store
+from jobs import cursors, store
 from jobs.models import Job, JobStatus
 from jobs.queue import Queue, async_queue, entry_for, sync_queue
 from realtime.broadcast import update_messages
@@ -173,7 +173,9 @@ async def apublish(
 
 
 def publish_on_commit(jobs: Sequence[Job], *, event: str | None = None) -> None:
-    """`publish` once the current transaction commits (at once outside one)."""
+    """`publish` once the current transaction commits (at once outside one). Cursors the write
+    did not return (SQLite's are set after RETURNING) are read now, inside the transaction."""
+    cursors.fill(job for job in jobs if job.cursor is None)
     transaction.on_commit(lambda: publish(jobs, event=event))
 
 

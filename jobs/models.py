@@ -13,6 +13,13 @@ PRIORITY_MIN = -10
 PRIORITY_MAX = 10
 
 
+class CursorField(models.BigIntegerField):
+    """A job's cursor: the database gives every change one, from one sequence, in the statement
+    that makes the change (jobs/cursors.py). Returned by INSERTs where the database can."""
+
+    db_returning = True
+
+
 class Tenant(models.Model):
     """A customer. Its `id` is the stable slug used on the wire (`tenantId`) and in Redis keys."""
 
@@ -104,6 +111,8 @@ class Job(models.Model):
     locked_by = models.CharField(max_length=200, null=True, blank=True)
     lease_token = models.UUIDField(null=True, blank=True)
     lease_expires_at = models.DateTimeField(null=True, blank=True)
+    # Set by the database on every change a subscriber sees (jobs/cursors.py); never by Python.
+    cursor = CursorField(null=True, blank=True, editable=False)
 
     class Meta:
         ordering = ["-created_at", "-id"]
@@ -116,6 +125,7 @@ class Job(models.Model):
             models.Index(fields=["status", "lease_expires_at"], name="job_status_lease"),
             models.Index(fields=["tenant", "updated_at"], name="job_tenant_updated"),
             models.Index(fields=["status", "finished_at"], name="job_status_finished"),
+            models.Index(fields=["tenant", "cursor"], name="job_tenant_cursor"),
         ]
         constraints = [
             models.UniqueConstraint(

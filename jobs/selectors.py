@@ -61,6 +61,15 @@ def job_updated_since(*, tenant_id: str, since: datetime, limit: int) -> list[Jo
     )
 
 
+def job_changes_after(*, tenant_id: str, after: int, upto: int | None, limit: int) -> list[Job]:
+    """The tenant's jobs whose last change has a cursor in (after, upto], in cursor order
+    (WebSocket and SSE catch-up; `upto` None: no upper bound)."""
+    qs = Job.objects.filter(tenant_id=tenant_id, cursor__gt=after)
+    if upto is not None:
+        qs = qs.filter(cursor__lte=upto)
+    return list(qs.order_by("cursor")[:limit])
+
+
 @dataclass(frozen=True, slots=True)
 class QueueDepth:
     """A tenant's jobs waiting and running: `ready` in its Redis ready set (None if Redis is

@@ -27,7 +27,7 @@ from django.db import close_old_connections, connection, transaction
 from django.db.models import F
 from django.utils import timezone
 
-from jobs import pg
+from jobs import cursors, pg
 from jobs.api_store import COLUMNS, job_from_row
 from jobs.models import Job, JobStatus, Tenant
 
@@ -233,12 +233,14 @@ def write_row(job: Job, fields: dict[str, Any]) -> Job:
     for name, value in fields.items():
         setattr(job, name, value)
     job.save(update_fields=list(fields))
+    cursors.fill([job])
     return job
 
 
-# What a finished row says of its last progress: the worker's copy of the job may not have seen
-# the last report (written by the progress reporter), and the final frame must show it.
-Progress = tuple[int | None, str | None]
+# What a finished row says of its last progress (the worker's copy of the job may not have seen
+# the last report, written by the progress reporter, and the final frame must show it) and the
+# cursor the write got.
+Progress = tuple[int | None, str | None, int | None]
 
 
 def _written(planned: Planned, written: dict[uuid.UUID, Progress]) -> list[Job | None]:
@@ -251,7 +253,7 @@ def _written(planned: Planned, written: dict[uuid.UUID, Progress]) -> list[Job |
             continue
         for name, value in fields.items():
             setattr(job, name, value)
-        job.progress, job.progress_message = written[job.id]
+        job.progress, job.progress_message, job.cursor = written[job.id]
         results.append(job)
     return results
 
@@ -264,7 +266,7 @@ def write_outcomes(*, planned: Planned) -> list[Job | None]:
     sql, params = _finish_statement(planned)
     with transaction.atomic(), connection.cursor() as cursor:
         cursor.execute(sql, params)
-        written = {row[0]: (row[1], row[2]) for row in cursor.fetchall()}
+        written = {row[0]: row[1:] for row in cursor.fetchall()}
     return _written(planned, written)
 
 
@@ -273,8 +275,10 @@ def write_outcomes_with_orm(*, planned: Planned) -> list[Job | None]:
     job, the same columns, in one transaction."""
     with transaction.atomic():
         ids = [job.id for job, fields in planned if _fenced(job).update(**fields)]
-        rows = Job.objects.filter(id__in=ids).values_list("id", "progress", "progress_message")
-        return _written(planned, {row[0]: (row[1], row[2]) for row in rows})
+        rows = Job.objects.filter(id__in=ids).values_list(
+            "id", "progress", "progress_message", "cursor"
+        )
+        return _written(planned, {row[0]: row[1:] for row in rows})
 
 
 async def awrite_outcomes(*, planned: Planned) -> list[Job | None]:
@@ -282,7 +286,7 @@ async def awrite_outcomes(*, planned: Planned) -> list[Job | None]:
     sql, params = _finish_statement(planned)
     async with pg.connection() as conn:
         cursor = await conn.execute(sql, params)
-        written = {row[0]: (row[1], row[2]) for row in await cursor.fetchall()}
+        written = {row[0]: row[1:] for row in await cursor.fetchall()}
     return _written(planned, written)
 
 
@@ -322,7 +326,7 @@ def _finish_statement(planned: Planned) -> tuple[str, list[Any]]:
         FROM (VALUES {", ".join([f"({row})"] * len(planned))})
             AS v(fenced_id, fenced_token, {", ".join(columns)})
         WHERE j.id = v.fenced_id AND j.lease_token = v.fenced_token AND j.status = 'RUNNING'
-        RETURNING j.id, j.progress, j.progress_message
+        RETURNING j.id, j.progress, j.progress_message, j.cursor
     """
     return sql, params
 
@@ -330,10 +334,12 @@ def _finish_statement(planned: Planned) -> tuple[str, list[Any]]:
 def set_job_progress(*, job: Job, percent: int, message: str | None) -> Job | None:
     now = timezone.now()
     fields = {"progress": percent, "progress_message": message, "updated_at": now}
-    if not _fenced(job).update(**fields):
-        return None
     # A copy: the worker's own object belongs to the event loop and the outcome write.
     reported = copy.copy(job)
+    with transaction.atomic():
+        if not _fenced(job).update(**fields):
+            return None
+        cursors.fill([reported])
     for name, value in fields.items():
         setattr(reported, name, value)
     return reported
@@ -344,6 +350,7 @@ def write_fenced(*, job: Job, fields: dict[str, Any]) -> Job | None:
     with transaction.atomic():
         if not _fenced(job).update(**fields):
             return None
+        cursors.fill([job])
     for name, value in fields.items():
         setattr(job, name, value)
     return job

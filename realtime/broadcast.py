@@ -40,6 +40,7 @@ def job_update_message(job: Job) -> dict[str, Any]:
         "progress": job.progress,
         "progressMessage": job.progress_message,
         "updatedAt": iso(job.updated_at),
+        "cursor": None if job.cursor is None else str(job.cursor),
     }
 
 

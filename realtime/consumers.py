@@ -35,11 +35,12 @@ from django.conf import settings
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
+from jobs import cursors
 from jobs.auth import STAFF_CHANGED, aauthenticate
 from jobs.models import TENANT_ID_PATTERN, Tenant
 from jobs.orm import orm
 from jobs.schemas import in_time_range
-from jobs.selectors import job_updated_since
+from jobs.selectors import job_changes_after, job_updated_since
 from jobs.services import hash_api_key
 from realtime.auth import staff_session_user
 from realtime.broadcast import iso, job_update_message
@@ -53,7 +54,9 @@ CLOSE_POLICY_VIOLATION = 4008
 CLOSE_MESSAGE_TOO_BIG = 4009
 CLOSE_CREDENTIALS_REVOKED = 4001
 CLOSE_TOO_MANY_CONNECTIONS = 4029
-UPDATES_DROPPED = "updates dropped, resubscribe with since"
+UPDATES_DROPPED = "updates dropped, resubscribe with cursor (or since)"
+# The `code` of an ERROR after which the client resubscribes from the `cursor` it carries.
+RESYNC = "RESYNC"
 REPLAY_TRUNCATED = "replay truncated, resubscribe with since"
 REPLAY_BUDGET_SPENT = "replay budget of this tenant spent, resubscribe with since later"
 # How often an open staff socket's session and permission are checked again (besides at once
@@ -103,6 +106,31 @@ def _jobs_updated_since(tenant_id: str, since: datetime, limit: int) -> list[dic
     # Frames are built in the thread: nothing lazy crosses back into the event loop.
     jobs = job_updated_since(tenant_id=tenant_id, since=since, limit=limit)
     return [job_update_message(job) for job in jobs]
+
+
+@dataclass(frozen=True, slots=True)
+class Replay:
+    """The frames of a cursor replay, and the cursor the subscriber holds every change up to
+    once it has them (the last frame's if the replay was cut at its limit)."""
+
+    frames: list[dict[str, Any]]
+    resume: int
+    truncated: bool
+
+
+@orm
+def _changes_after(tenant_id: str, after: int, limit: int) -> Replay:
+    upto = cursors.watermark()
+    if upto is not None and after > upto:
+        raise ProtocolError(
+            '"cursor" is ahead of every change this server has; resubscribe with "cursor": "0"'
+        )
+    jobs = job_changes_after(tenant_id=tenant_id, after=after, upto=upto, limit=limit)
+    truncated = len(jobs) >= limit > 0
+    # Without a watermark (transactions still running), nothing beyond `after` is proven.
+    proven = after if upto is None else upto
+    resume = jobs[-1].cursor if truncated else proven
+    return Replay([job_update_message(job) for job in jobs], resume, truncated)
 
 
 def _parse_time(value: Any) -> datetime | None:
@@ -177,8 +205,11 @@ class JobUpdatesConsumer(AsyncJsonWebsocketConsumer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.subscriptions: set[str] = set()
-        # Live frames held while a tenant's `since` replay is being sent.
+        # Live frames held while a tenant's replay is being sent.
         self.held: dict[str, list[Frame]] = {}
+        # Per tenant, the cursor this socket is known to hold every change up to: what a
+        # RESYNC tells the client to resume from.
+        self.resume: dict[str, int | None] = {}
         self.dropped_while_held: set[str] = set()
         self.bucket = TokenBucket(rate=self.rate_per_second, burst=self.rate_burst)
         self.closing = False
@@ -226,6 +257,7 @@ class JobUpdatesConsumer(AsyncJsonWebsocketConsumer):
             hub.forget(tenant_id, self)
         self.subscriptions.clear()
         self.held.clear()
+        self.resume.clear()
 
     async def connect(self) -> None:
         """Accept an authenticated socket and greet it with CONNECTED, or, past a connection
@@ -252,7 +284,10 @@ class JobUpdatesConsumer(AsyncJsonWebsocketConsumer):
             message = "connected as staff; SUBSCRIBE to any tenant"
         else:
             message = f"connected as tenant {self.tenant.id}; SUBSCRIBE with its tenantId"
-        await self.send_json({"type": "CONNECTED", "message": message})
+        connected: dict[str, Any] = {"type": "CONNECTED", "message": message}
+        if self.tenant is not None:
+            connected["tenantId"] = self.tenant.id
+        await self.send_json(connected)
 
     async def disconnect(self, code: int) -> None:
         """Stop every subscription of this socket."""
@@ -333,9 +368,14 @@ class JobUpdatesConsumer(AsyncJsonWebsocketConsumer):
         await self.send_json({"type": "ERROR", "message": message, **extra})
 
     async def subscribe(self, content: dict[str, Any]) -> None:
-        """Subscribe to a tenant's updates, answer SUBSCRIBED, then replay those after `since`."""
+        """Subscribe to a tenant's updates. With `cursor`: replay every change after it, then
+        SUBSCRIBED with the cursor to resume from, then live updates. Otherwise SUBSCRIBED
+        first, then (with `since`) the replay of jobs changed after that time."""
         tenant_id = self._tenant_id(content)
         since = self._since(content)
+        after = self._cursor(content)
+        if since is not None and after is not None:
+            raise ProtocolError('give "cursor" or "since", not both')
         # A revoked key must not get a replay from the database on an old socket.
         if not await self._credentials_still_valid():
             return
@@ -347,7 +387,8 @@ class JobUpdatesConsumer(AsyncJsonWebsocketConsumer):
 
         # Subscribe before reading the database: an update committed meanwhile then arrives live
         # (perhaps also in the replay) instead of falling into the gap between the two.
-        if since is not None:
+        replaying = since is not None or after is not None
+        if replaying:
             self.held[tenant_id] = []
         try:
             await self.hub.subscribe(tenant_id, self)
@@ -356,12 +397,60 @@ class JobUpdatesConsumer(AsyncJsonWebsocketConsumer):
             logger.warning("subscribe failed tenant=%s %s: %s", tenant_id, self.identity, exc)
             raise ProtocolError("live updates are unavailable right now; try again") from exc
         self.subscriptions.add(tenant_id)
+        if after is not None:
+            await self._replay_changes(tenant_id, after)
+            return
         server_time = timezone.now()
+        watermark = await orm(cursors.watermark)()
+        self.resume[tenant_id] = watermark
         await self.send_json(
-            {"type": "SUBSCRIBED", "tenantId": tenant_id, "serverTime": iso(server_time)}
+            {
+                "type": "SUBSCRIBED",
+                "tenantId": tenant_id,
+                "serverTime": iso(server_time),
+                "cursor": cursors.text(watermark),
+            }
         )
         if since is not None:
             await self._replay(tenant_id, since)
+
+    async def _replay_changes(self, tenant_id: str, after: int) -> None:
+        """The current state of each job changed after the cursor, in cursor order; then
+        SUBSCRIBED with the cursor reached (and a RESYNC if the replay was cut at its limit)."""
+        limit, retry_ms = await take_replay_rows(tenant_id, settings.JOBS["SINCE_REPLAY_LIMIT"])
+        if limit == 0:
+            self.resume[tenant_id] = after
+            await self.send_json(
+                {"type": "SUBSCRIBED", "tenantId": tenant_id, "cursor": cursors.text(after)}
+            )
+            await self.send_error(
+                REPLAY_BUDGET_SPENT,
+                code=RESYNC,
+                tenantId=tenant_id,
+                cursor=cursors.text(after),
+                retryAfterMs=retry_ms,
+            )
+            await self._release_held(tenant_id, {})
+            return
+        try:
+            replay = await _changes_after(tenant_id, after, limit)
+        except ProtocolError:
+            self.held.pop(tenant_id, None)
+            self.subscriptions.discard(tenant_id)
+            await self.hub.unsubscribe(tenant_id, self)
+            raise
+        if len(replay.frames) < limit:
+            await take_replay_rows(tenant_id, len(replay.frames) - limit)
+        floors: dict[str, int] = {}
+        for frame in replay.frames:
+            floors[frame["jobId"]] = int(frame["cursor"])
+            await self.send_json(frame)
+        self.resume[tenant_id] = replay.resume
+        resume = cursors.text(replay.resume)
+        await self.send_json({"type": "SUBSCRIBED", "tenantId": tenant_id, "cursor": resume})
+        if replay.truncated:
+            await self.send_error(REPLAY_TRUNCATED, code=RESYNC, tenantId=tenant_id, cursor=resume)
+        await self._release_held(tenant_id, floors)
 
     async def _replay(self, tenant_id: str, since: datetime) -> None:
         # Rows come out of the tenant's budget, shared by all its sockets on every process: a
@@ -389,12 +478,15 @@ class JobUpdatesConsumer(AsyncJsonWebsocketConsumer):
             await self.send_error(REPLAY_TRUNCATED, tenantId=tenant_id, since=iso(resume))
         await self._release_held(tenant_id, floors)
 
-    async def _release_held(self, tenant_id: str, floors: dict[str, datetime]) -> None:
-        """Send the live frames held during a replay, minus those the replay already covered."""
+    async def _release_held(
+        self, tenant_id: str, floors: dict[str, datetime] | dict[str, int]
+    ) -> None:
+        """Send the live frames held during a replay, minus those the replay already covered
+        (floors: the replayed `updatedAt` or cursor of each job)."""
         if tenant_id in self.dropped_while_held:
             self.dropped_while_held.discard(tenant_id)
             logger.warning("live updates dropped during a replay %s", self.identity)
-            await self.send_error(UPDATES_DROPPED)
+            await self._send_resync(tenant_id)
         while True:
             held = self.held.get(tenant_id)
             if not held:
@@ -404,7 +496,7 @@ class JobUpdatesConsumer(AsyncJsonWebsocketConsumer):
             await self._send_frames([f for f in held if not self._covered_by_replay(f, floors)])
 
     @staticmethod
-    def _covered_by_replay(frame: Frame, floors: dict[str, datetime]) -> bool:
+    def _covered_by_replay(frame: Frame, floors: dict[str, datetime] | dict[str, int]) -> bool:
         if not floors:
             return False
         try:
@@ -412,8 +504,26 @@ class JobUpdatesConsumer(AsyncJsonWebsocketConsumer):
         except ValueError:
             return False
         floor = floors.get(update.get("jobId"))
+        if floor is None:
+            return False
+        if isinstance(floor, int):
+            cursor = update.get("cursor")
+            return isinstance(cursor, str) and cursor.isdigit() and int(cursor) <= floor
         updated_at = _parse_time(update.get("updatedAt"))
-        return floor is not None and updated_at is not None and updated_at <= floor
+        return updated_at is not None and updated_at <= floor
+
+    async def _send_resyncs(self) -> None:
+        for tenant_id in sorted(self.subscriptions):
+            await self._send_resync(tenant_id)
+
+    async def _send_resync(self, tenant_id: str) -> None:
+        """Tell the client it may have missed updates of the tenant, and where to resume."""
+        await self.send_error(
+            UPDATES_DROPPED,
+            code=RESYNC,
+            tenantId=tenant_id,
+            cursor=cursors.text(self.resume.get(tenant_id)),
+        )
 
     async def unsubscribe(self, content: dict[str, Any]) -> None:
         """Stop a tenant's updates and answer UNSUBSCRIBED."""
@@ -422,6 +532,7 @@ class JobUpdatesConsumer(AsyncJsonWebsocketConsumer):
             raise ProtocolError(f"not subscribed to tenant {tenant_id!r}")
         self.subscriptions.discard(tenant_id)
         self.held.pop(tenant_id, None)
+        self.resume.pop(tenant_id, None)
         self.dropped_while_held.discard(tenant_id)
         await self.hub.unsubscribe(tenant_id, self)
         await self.send_json({"type": "UNSUBSCRIBED", "tenantId": tenant_id})
@@ -435,6 +546,16 @@ class JobUpdatesConsumer(AsyncJsonWebsocketConsumer):
         if not TENANT_ID_RE.fullmatch(tenant_id):
             raise ProtocolError('"tenantId" is not a valid tenant id')
         return tenant_id
+
+    @staticmethod
+    def _cursor(content: dict[str, Any]) -> int | None:
+        raw = content.get("cursor")
+        if raw is None:
+            return None
+        try:
+            return cursors.parse(raw)
+        except ValueError as exc:
+            raise ProtocolError('"cursor" must be a cursor the server gave, e.g. "0"') from exc
 
     def _since(self, content: dict[str, Any]) -> datetime | None:
         raw = content.get("since")
@@ -491,7 +612,7 @@ class JobUpdatesConsumer(AsyncJsonWebsocketConsumer):
         re-check the key, whose revocation may have been missed too."""
         if not self.closing and self.subscriptions:
             logger.warning("updates may have been lost %s", self.identity)
-            asyncio.get_running_loop().create_task(self.send_error(UPDATES_DROPPED))
+            asyncio.get_running_loop().create_task(self._send_resyncs())
         self.schedule_credentials_check()
 
     def schedule_credentials_check(self) -> None:

@@ -13,6 +13,7 @@ from channels.db import database_sync_to_async
 from django.conf import settings as django_settings
 from django.utils import timezone
 
+from jobs import cursors
 from jobs.models import Job, JobStatus, Tenant
 from jobs.queue import async_queue
 from realtime.broadcast import iso, job_update_message, update_messages
@@ -40,6 +41,7 @@ JOB_UPDATE_FIELDS = {
     "error",
     "result",
     "updatedAt",
+    "cursor",
 }
 
 
@@ -50,6 +52,7 @@ async def advance(job: Job, status: str, **changes: Any) -> Job:
     for name, value in changes.items():
         setattr(job, name, value)
     await job.asave()
+    await database_sync_to_async(cursors.fill)([job])  # as the service's writes return it
     await publish([job])
     return job
 
@@ -126,6 +129,7 @@ async def test_job_update_arrives_with_all_fields(api_key: str, tenant: Tenant) 
             "progress": None,
             "progressMessage": None,
             "updatedAt": iso(job.updated_at),
+            "cursor": str(job.cursor),
         }
 
 
@@ -328,7 +332,7 @@ async def test_overflowing_client_is_told_updates_were_dropped(
     job = await amake_job(tenant)
     async with open_ws(token=api_key) as slow, open_ws(token=api_key) as fast:
         await subscribe(fast, "tenant-1")
-        await subscribe(slow, "tenant-1", since=iso(timezone.now()))
+        subscribed = await subscribe(slow, "tenant-1", since=iso(timezone.now()))
         await replay_gate.wait_entered()
         # `slow` is stuck in its replay and holds live updates meanwhile, at most 5; `fast`
         # gets every one as it happens.
@@ -341,7 +345,13 @@ async def test_overflowing_client_is_told_updates_were_dropped(
         frames = []
         while not await slow.receive_nothing(timeout=0.3):
             frames.append(await receive(slow))
-        assert frames[0] == {"type": "ERROR", "message": UPDATES_DROPPED}
+        assert frames[0] == {
+            "type": "ERROR",
+            "message": UPDATES_DROPPED,
+            "code": "RESYNC",
+            "tenantId": "tenant-1",
+            "cursor": subscribed["cursor"],
+        }
         updates = [f["attempts"] for f in frames if f["type"] == "JOB_UPDATE"]
         assert updates == [16, 17, 18, 19, 20]
         await assert_alive(slow)
@@ -352,7 +362,7 @@ async def test_lost_redis_connection_tells_subscribers_and_they_keep_receiving(
     api_key: str, tenant: Tenant, redis_prefix: str
 ) -> None:
     async with open_ws(token=api_key) as comm:
-        await subscribe(comm, "tenant-1")
+        subscribed = await subscribe(comm, "tenant-1")
         client = redis.asyncio.Redis.from_url(django_settings.REDIS_URL)
         try:
             # Kill this process's pub/sub connection, as a Redis restart or a network blip would.
@@ -363,7 +373,14 @@ async def test_lost_redis_connection_tells_subscribers_and_they_keep_receiving(
             await client.client_kill_filter(_id=ids[0])
         finally:
             await client.aclose()
-        assert await receive(comm) == {"type": "ERROR", "message": UPDATES_DROPPED}
+        assert await receive(comm) == {
+            "type": "ERROR",
+            "message": UPDATES_DROPPED,
+            "code": "RESYNC",
+            "tenantId": "tenant-1",
+            "cursor": subscribed["cursor"],
+        }
+        assert subscribed["cursor"].isdigit()
         await assert_alive(comm)
         # The hub resubscribed: updates flow again on the same socket.
         deadline = asyncio.get_running_loop().time() + RECEIVE_TIMEOUT

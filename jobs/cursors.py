@@ -1,0 +1,130 @@
+"""Cursors: the position of every change of a job in one order, for exact, resumable updates.
+
+The database sets `Job.cursor` in the statement that changes the row: on PostgreSQL a BEFORE
+trigger takes the next value of `jobs_job_cursor_seq` (migration 0004), on SQLite an AFTER
+trigger takes max + 1 (installed after every migrate, below). A change a subscriber sees (an
+insert, or an update of a column of the job's wire form) gets a new cursor; a lease renewal does
+not.
+
+Sequence values are handed out in statement order, not commit order: a transaction holding
+cursor 10 may commit after one holding 11. So "every change up to C" is only known once no
+transaction that could still commit a cursor <= C is running. `watermark()` finds such a C: it
+reads the sequence's last value L, then waits for the transactions that were running at that
+moment to end (the trigger makes a transaction take its id before its cursor, so each of them is
+in the snapshot). After that, every row with a cursor <= L is committed or gone for good.
+SQLite has one writer at a time, so its largest cursor is already such a point.
+
+On the wire a cursor is a string of decimal digits; "0" is before every change.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from django.db import connection, connections
+
+from jobs.models import Job
+
+MAX = 2**63 - 1
+# How long `watermark` waits for running transactions before giving up (it then returns None).
+WAIT_S = 2.0
+_POLL_S = 0.002
+
+_SQLITE_TRIGGERS = [
+    f"""
+    CREATE TRIGGER IF NOT EXISTS jobs_job_cursor_insert AFTER INSERT ON {Job._meta.db_table}
+    FOR EACH ROW WHEN NEW.cursor IS NULL BEGIN
+        UPDATE {Job._meta.db_table}
+        SET cursor = (SELECT coalesce(max(cursor), 0) + 1 FROM {Job._meta.db_table})
+        WHERE id = NEW.id;
+    END
+    """,
+    f"""
+    CREATE TRIGGER IF NOT EXISTS jobs_job_cursor_update
+    AFTER UPDATE OF status, attempts, error, result, progress, progress_message, updated_at
+    ON {Job._meta.db_table} FOR EACH ROW BEGIN
+        UPDATE {Job._meta.db_table}
+        SET cursor = (SELECT coalesce(max(cursor), 0) + 1 FROM {Job._meta.db_table})
+        WHERE id = NEW.id;
+    END
+    """,
+]
+
+
+def parse(value: Any) -> int:
+    """A cursor from the wire (a string of digits, or an integer); ValueError if it is none."""
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise ValueError("a cursor is a string of digits")
+    text = str(value)
+    if not text.isascii() or not text.isdigit() or len(text) > 19 or int(text) > MAX:
+        raise ValueError("a cursor is a string of digits")
+    return int(text)
+
+
+def text(cursor: int | None) -> str | None:
+    return None if cursor is None else str(cursor)
+
+
+def watermark(*, wait_s: float = WAIT_S) -> int | None:
+    """A cursor C such that every change with a cursor <= C is committed (or rolled back) and
+    visible to the next statement; None if running transactions did not end within `wait_s`."""
+    with connection.cursor() as cursor:
+        if connection.vendor != "postgresql":
+            cursor.execute(f"SELECT coalesce(max(cursor), 0) FROM {Job._meta.db_table}")
+            return int(cursor.fetchone()[0])
+        cursor.execute("SELECT last_value, is_called FROM jobs_job_cursor_seq")
+        last_value, is_called = cursor.fetchone()
+        upto = int(last_value) if is_called else 0
+        cursor.execute(
+            "SELECT array_agg(x::text) FROM pg_snapshot_xip(pg_current_snapshot()) AS x "
+            "WHERE x IS DISTINCT FROM pg_current_xact_id_if_assigned()"
+        )
+        running = cursor.fetchone()[0] or []
+        deadline = time.monotonic() + wait_s
+        while running:
+            cursor.execute(
+                "SELECT array_agg(x::text) FROM unnest(%s::xid8[]) AS x "
+                "WHERE pg_xact_status(x) = 'in progress'",
+                [running],
+            )
+            running = cursor.fetchone()[0] or []
+            if running and time.monotonic() > deadline:
+                return None
+            if running:
+                time.sleep(_POLL_S)
+    return upto
+
+
+def fill(jobs: Iterable[Job]) -> None:
+    """Read the cursors the database gave these jobs' last writes, in the caller's transaction
+    (an UPDATE through the ORM does not return them; SQLite's trigger runs after RETURNING)."""
+    by_id = {job.id: job for job in jobs}
+    if not by_id:
+        return
+    for job_id, cursor in Job.objects.filter(id__in=list(by_id)).values_list("id", "cursor"):
+        by_id[job_id].cursor = cursor
+
+
+def install_sqlite_triggers(*, using: str = "default", **_: Any) -> None:
+    """post_migrate: SQLite's cursor triggers (created again if a migration remade the table),
+    and cursors for rows that have none, in the order of their last update."""
+    conn = connections[using]
+    if conn.vendor != "sqlite":
+        return
+    table = Job._meta.db_table
+    with conn.cursor() as cursor:
+        cursor.execute(f"SELECT count(*) FROM sqlite_master WHERE type='table' AND name='{table}'")
+        if not cursor.fetchone()[0]:
+            return
+        for statement in _SQLITE_TRIGGERS:
+            cursor.execute(statement)
+        cursor.execute(f"SELECT coalesce(max(cursor), 0) FROM {table}")
+        base = int(cursor.fetchone()[0])
+        cursor.execute(f"SELECT id FROM {table} WHERE cursor IS NULL ORDER BY updated_at, id")
+        missing = [row[0] for row in cursor.fetchall()]
+        cursor.executemany(
+            f"UPDATE {table} SET cursor = %s WHERE id = %s",
+            [(base + n, job_id) for n, job_id in enumerate(missing, start=1)],
+        )
