@@ -67,7 +67,7 @@ def text(cursor: int | None) -> str | None:
     return None if cursor is None else str(cursor)
 
 
-def watermark(*, wait_s: float = WAIT_S) -> int | None:
+def watermark(*, wait_s: float | None = None) -> int | None:
     """A cursor C such that every change with a cursor <= C is committed (or rolled back) and
     visible to the next statement; None if running transactions did not end within `wait_s`."""
     with connection.cursor() as cursor:
@@ -82,7 +82,7 @@ def watermark(*, wait_s: float = WAIT_S) -> int | None:
             "WHERE x IS DISTINCT FROM pg_current_xact_id_if_assigned()"
         )
         running = cursor.fetchone()[0] or []
-        deadline = time.monotonic() + wait_s
+        deadline = time.monotonic() + (WAIT_S if wait_s is None else wait_s)
         while running:
             cursor.execute(
                 "SELECT array_agg(x::text) FROM unnest(%s::xid8[]) AS x "
