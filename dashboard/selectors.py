@@ -12,6 +12,7 @@ from django.conf import settings
 from django.db.models import BigIntegerField, Count, Func
 from django.utils import timezone
 
+from jobs import cursors
 from jobs.models import Job, JobStatus, Tenant
 from jobs.queue import sync_queue
 from jobs.selectors import QueueDepth, tenant_queue_depths
@@ -81,6 +82,8 @@ class DashboardStats:
     """Everything the dashboard shows, for all tenants or for `tenant_id` only."""
 
     server_time: datetime
+    # Every change up to this cursor is in the counts: the live feed resumes after it.
+    cursor: int | None
     tenant_id: str | None
     totals: dict[str, int]
     tenants: list[TenantRow]
@@ -165,6 +168,7 @@ def workers_seen(*, now: datetime) -> tuple[list[WorkerRow], bool]:
 def dashboard_stats(*, tenant: Tenant | None = None, now: datetime | None = None) -> DashboardStats:
     """The dashboard's data in a fixed number of queries, whatever the number of jobs."""
     now = now or timezone.now()
+    cursor = cursors.watermark(wait_s=0.5)
     tenant_id = tenant.id if tenant is not None else None
     counts = job_counts_by_tenant(tenant_id=tenant_id)
     if tenant is not None:
@@ -180,6 +184,7 @@ def dashboard_stats(*, tenant: Tenant | None = None, now: datetime | None = None
     workers, redis_ok = workers_seen(now=now)
     return DashboardStats(
         server_time=now,
+        cursor=cursor,
         tenant_id=tenant_id,
         totals=totals,
         tenants=[

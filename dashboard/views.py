@@ -60,6 +60,7 @@ def stats_payload(stats: DashboardStats) -> dict[str, Any]:
     """The stats as the page's JavaScript reads them (camelCase, like the API)."""
     return {
         "serverTime": iso(stats.server_time),
+        "cursor": None if stats.cursor is None else str(stats.cursor),
         "tenant": stats.tenant_id,
         "statuses": list(JobStatus.values),
         "totals": stats.totals,

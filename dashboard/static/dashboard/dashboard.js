@@ -201,12 +201,21 @@
 
   // --- live feed ------------------------------------------------------------------------------
   const feed = byId("feed");
-  const seenUpdates = new Set();
+  const lastCursor = new Map(); // job id -> the greatest cursor shown (BigInt)
+
+  // Cursors are strings of digits that may outgrow Number: compared as BigInt.
+  function newer(update) {
+    if (update.cursor == null) return true;
+    const cursor = BigInt(update.cursor);
+    const previous = lastCursor.get(update.jobId);
+    if (previous !== undefined && cursor <= previous) return false; // a resumed replay repeats
+    lastCursor.set(update.jobId, cursor);
+    return true;
+  }
 
   function addFeedRow(update) {
-    const key = `${update.jobId}|${update.updatedAt}|${update.status}|${update.progress}`;
-    if (seenUpdates.has(key)) return; // a `since` replay may repeat a live update
-    seenUpdates.add(key);
+    if (!newer(update)) return;
+    const key = `${update.jobId}|${update.cursor}`;
     const tenant = tenantInfo(update.tenantId);
     const row = el("tr", {
       class: "fresh", "data-job-id": update.jobId, "data-status": update.status, "data-key": key,
@@ -224,8 +233,13 @@
         update.error || (update.status === "RUNNING" ? update.progressMessage || "" : "")));
     feed.prepend(row);
     while (feed.rows.length > config.feedLimit) {
-      seenUpdates.delete(feed.lastElementChild.dataset.key);
       feed.lastElementChild.remove();
+    }
+    if (lastCursor.size > 10 * config.feedLimit) {
+      // Forget the oldest jobs (a Map iterates in insertion order); their frames are long past.
+      for (const jobId of [...lastCursor.keys()].slice(0, lastCursor.size - config.feedLimit)) {
+        lastCursor.delete(jobId);
+      }
     }
     byId("feed-empty").hidden = true;
   }
@@ -235,7 +249,9 @@
   let backoffMs = 1000;
   const requested = new Set(); // SUBSCRIBE sent on this socket
   const subscribed = new Set(); // SUBSCRIBED received on this socket
-  const resumeFrom = new Map(); // tenant -> the time to replay from after a reconnect
+  // tenant -> the cursor the server last said this page holds every change up to (SUBSCRIBED,
+  // RESYNC): where to resume after a reconnect or a RESYNC.
+  const resumeFrom = new Map();
 
   function setState(state, text) {
     const badge = byId("ws-state");
@@ -247,26 +263,23 @@
     return config.tenant ? [config.tenant] : stats.tenants.map((t) => t.id);
   }
 
-  function subscribe(tenantId, since) {
+  function subscribe(tenantId, cursor) {
     requested.add(tenantId);
-    socket.send(JSON.stringify({ type: "SUBSCRIBE", tenantId, since }));
+    const message = { type: "SUBSCRIBE", tenantId };
+    if (cursor != null) message.cursor = cursor;
+    else message.since = stats.serverTime;
+    socket.send(JSON.stringify(message));
   }
 
   function subscribeAll() {
     if (!socket || socket.readyState !== WebSocket.OPEN || !socket.connectedFrameSeen) return;
     for (const tenantId of wantedTenants()) {
       if (requested.has(tenantId)) continue;
-      // From the last update seen (or the stats' time): nothing in between is missed.
-      subscribe(tenantId, resumeFrom.get(tenantId) || stats.serverTime);
+      // From the last cursor the server gave (or the one the stats were read at): nothing in
+      // between is missed.
+      subscribe(tenantId, resumeFrom.get(tenantId) || stats.cursor);
     }
     if (!wantedTenants().length) setState("live", "live · no tenants yet");
-  }
-
-  function noteTime(tenantId, time) {
-    const previous = resumeFrom.get(tenantId);
-    if (time && (!previous || Date.parse(time) > Date.parse(previous))) {
-      resumeFrom.set(tenantId, time);
-    }
   }
 
   function onFrame(frame) {
@@ -278,22 +291,20 @@
         break;
       case "SUBSCRIBED":
         subscribed.add(frame.tenantId);
-        noteTime(frame.tenantId, frame.serverTime);
+        if (frame.cursor != null) resumeFrom.set(frame.tenantId, frame.cursor);
         setState("live", `live · ${subscribed.size} tenant${subscribed.size === 1 ? "" : "s"}`);
         break;
       case "JOB_UPDATE":
-        noteTime(frame.tenantId, frame.updatedAt);
         addFeedRow(frame);
         refreshSoon();
         break;
       case "ERROR":
         console.warn("dashboard websocket:", frame.message);
-        if (String(frame.message).startsWith("updates dropped")) {
-          for (const tenantId of subscribed) subscribe(tenantId, resumeFrom.get(tenantId));
-        } else if (String(frame.message).startsWith("replay truncated") && frame.since) {
-          // The replay stopped at its limit: fetch the rest from where it stopped.
-          resumeFrom.set(frame.tenantId, frame.since);
-          subscribe(frame.tenantId, frame.since);
+        if (frame.code === "RESYNC" && frame.tenantId) {
+          // Updates may have been missed, or the replay stopped at its limit: resume from the
+          // cursor the server gave.
+          if (frame.cursor != null) resumeFrom.set(frame.tenantId, frame.cursor);
+          subscribe(frame.tenantId, resumeFrom.get(frame.tenantId));
         }
         break;
       default:
