@@ -15,6 +15,9 @@ RUN pip install --no-cache-dir uv==0.13.9
 
 WORKDIR /app
 COPY pyproject.toml uv.lock ./
+# The Python SDK (client/) is a path dependency of the dev group: uv reads it to check the lock,
+# though --no-dev does not install it.
+COPY client/ client/
 RUN uv sync --locked --no-dev --no-install-project
 
 COPY . .
