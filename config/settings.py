@@ -197,6 +197,8 @@ WHITENOISE_AUTOREFRESH = DEBUG
 JOBS = {
     "REDIS_PREFIX": JOBS_REDIS_PREFIX,
     "WEBHOOK_ALLOWED_HOSTS": env_list("JOBS_WEBHOOK_ALLOWED_HOSTS"),
+    # How long a tenant's previous signing secrets keep signing after a rotation (docs/webhooks.md).
+    "WEBHOOK_SECRET_OVERLAP_S": env_int("JOBS_WEBHOOK_SECRET_OVERLAP_S", 86400, minimum=0),
     "RETRY_BASE_MS": env_int("JOBS_RETRY_BASE_MS", 1000, minimum=0),
     "RETRY_MAX_MS": env_int("JOBS_RETRY_MAX_MS", 300000, minimum=0),
     "LEASE_S": env_int("JOBS_LEASE_S", 30, minimum=1),

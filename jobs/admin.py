@@ -29,9 +29,18 @@ from django.utils.http import urlencode
 from django.utils.safestring import SafeString
 
 from jobs.errors import ApiError
-from jobs.models import ApiKey, Job, JobStatus, Tenant
+from jobs.models import ApiKey, Job, JobStatus, SigningSecret, Tenant
 from jobs.selectors import tenant_queue_depths
-from jobs.services import api_key_create, api_key_revoke, job_cancel, job_retry, tenant_save
+from jobs.services import (
+    api_key_create,
+    api_key_revoke,
+    job_cancel,
+    job_retry,
+    signing_secret_create,
+    signing_secret_rotate,
+    tenant_save,
+)
+from jobs.signing import fingerprint
 
 
 class EstimatedCountPaginator(Paginator):
@@ -274,9 +283,50 @@ class ApiKeyInline(admin.TabularInline):
         return False
 
 
+class SigningSecretInline(admin.TabularInline):
+    """The tenant's webhook signing secrets by fingerprint, never in clear (the action
+    "Rotate signing secret" makes a new one and shows it once)."""
+
+    model = SigningSecret
+    fields = ("secret_fingerprint", "created_at", "expires_at", "live")
+    readonly_fields = fields
+    extra = 0
+    can_delete = False
+    ordering = ("-created_at", "-id")
+    verbose_name = "webhook signing secret"
+
+    def has_add_permission(self, request: HttpRequest, obj: Tenant | None = None) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Tenant | None = None) -> bool:
+        return False
+
+    @admin.display(description="fingerprint (SHA-256)")
+    def secret_fingerprint(self, obj: SigningSecret) -> str:
+        return fingerprint(obj.secret)
+
+    @admin.display(boolean=True, description="signs now")
+    def live(self, obj: SigningSecret) -> bool:
+        return obj.expires_at is None or obj.expires_at > timezone.now()
+
+
+def _show_secret_once(request: HttpRequest, tenant_id: str, secret: str, note: str = "") -> None:
+    messages.success(
+        request,
+        format_html(
+            "New webhook signing secret for tenant {}: <code>{}</code>{} Copy it now, it will "
+            "not be shown again.",
+            tenant_id,
+            secret,
+            note,
+        ),
+    )
+
+
 @admin.register(Tenant)
 class TenantAdmin(admin.ModelAdmin):
-    """Tenants with their limits and keys. Deactivate a tenant rather than delete it."""
+    """Tenants with their limits, keys and signing secrets. Deactivate a tenant rather than
+    delete it."""
 
     list_display = (
         "id",
@@ -293,7 +343,12 @@ class TenantAdmin(admin.ModelAdmin):
     list_filter = ("is_active",)
     search_fields = ("id", "name")
     ordering = ("id",)
-    inlines = (ApiKeyInline,)
+    inlines = (ApiKeyInline, SigningSecretInline)
+    actions = ("rotate_signing_secret",)
+
+    def get_inlines(self, request: HttpRequest, obj: Tenant | None) -> Sequence[type[Any]]:
+        # A tenant being added has no secret yet (saving it makes the first one).
+        return self.inlines if obj is not None else (ApiKeyInline,)
 
     def get_readonly_fields(self, request: HttpRequest, obj: Tenant | None = None) -> Sequence[str]:
         # The id is the tenant's identity on the wire and in Redis: set once, never renamed.
@@ -341,7 +396,21 @@ class TenantAdmin(admin.ModelAdmin):
         return format_html_join(" | ", '<a href="{}">{}</a>', ((u, t) for t, u in links))
 
     def save_model(self, request: HttpRequest, obj: Tenant, form: Any, change: bool) -> None:
+        # The admin's add and change views run in one transaction: a new tenant is never left
+        # without its first signing secret.
         tenant_save(tenant=obj)
+        if not change:
+            _show_secret_once(request, obj.id, signing_secret_create(tenant=obj).secret)
+
+    @admin.action(description="Rotate webhook signing secret", permissions=["change"])
+    def rotate_signing_secret(self, request: HttpRequest, queryset: QuerySet[Tenant]) -> None:
+        """A new signing secret per selected tenant with `signing_secret_rotate`, shown once;
+        the previous ones keep signing for JOBS_WEBHOOK_SECRET_OVERLAP_S."""
+        for tenant in queryset.order_by("id"):
+            rotated = signing_secret_rotate(tenant=tenant)
+            until = rotated.previous_expires_at
+            note = f" (the previous one signs until {_when(until)})." if until else "."
+            _show_secret_once(request, tenant.id, rotated.secret.secret, note)
 
     def has_delete_permission(self, request: HttpRequest, obj: Tenant | None = None) -> bool:
         # Deleting cascades to every job of the tenant in one statement; prune_jobs and

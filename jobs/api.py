@@ -24,6 +24,7 @@ from jobs.schemas import (
     JobIn,
     JobListOut,
     JobOut,
+    SigningSecretRotatedOut,
     StatsOut,
     job_data,
     job_json,
@@ -157,3 +158,21 @@ async def retry_job(request: HttpRequest, job_id: UUID) -> dict:
     """FAILED or CANCELLED back to PENDING, attempts reset."""
     retry = orm(services.job_retry)
     return job_data(await retry(tenant=request.auth, job_id=job_id, rate_limited=True))
+
+
+def _rotate(*, tenant: Tenant) -> dict:
+    rotated = services.signing_secret_rotate(tenant=tenant, rate_limited=True)
+    return {
+        "secret": rotated.secret.secret,
+        "created_at": rotated.secret.created_at,
+        "previous_expires_at": rotated.previous_expires_at,
+    }
+
+
+@router.post(
+    "/signing-secrets/rotate", response={201: SigningSecretRotatedOut, **ERRORS}, tags=["webhooks"]
+)
+async def rotate_signing_secret(request: HttpRequest) -> Status[dict]:
+    """A new webhook signing secret, shown once; the previous ones keep signing alongside it
+    for JOBS_WEBHOOK_SECRET_OVERLAP_S (24 hours by default)."""
+    return Status(201, await orm(_rotate)(tenant=request.auth))

@@ -1,4 +1,5 @@
-"""Tenants, their API keys and their jobs. PostgreSQL is the source of truth."""
+"""Tenants, their API keys and webhook signing secrets, and their jobs. PostgreSQL is the source
+of truth."""
 
 from __future__ import annotations
 
@@ -68,6 +69,25 @@ class ApiKey(models.Model):
     @property
     def is_revoked(self) -> bool:
         return self.revoked_at is not None
+
+
+class SigningSecret(models.Model):
+    """A tenant's webhook signing secret in the Standard Webhooks format (`whsec_` + base64 of
+    32 random bytes). Stored as given: signing needs the secret itself, so unlike an API key it
+    cannot be hashed. It is shown once (at creation or rotation) and never rendered again: not
+    by `__str__`, the admin or the API. Live while `expires_at` is empty or in the future."""
+
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="signing_secrets")
+    secret = models.CharField(max_length=100)
+    created_at = models.DateTimeField(auto_now_add=True)
+    expires_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        indexes = [models.Index(fields=["tenant", "expires_at"], name="signing_secret_tenant_exp")]
+
+    def __str__(self) -> str:
+        return f"signing secret {self.pk} ({self.tenant_id})"
 
 
 class JobStatus(models.TextChoices):

@@ -15,6 +15,7 @@ from pydantic import ValidationError
 from jobs.handlers import JobContext, PermanentError, get_handler
 from jobs.lifecycle import Outcome
 from jobs.models import Job
+from jobs.signing import secret_cache
 
 logger = logging.getLogger("jobs.worker")
 
@@ -93,16 +94,19 @@ async def run_attempt(job: Job, progress: ProgressReporter) -> Outcome:
     timeout = spec.timeout_s
     if job.timeout_ms:
         timeout = min(timeout, job.timeout_ms / 1000)
-    ctx = JobContext(
-        job_id=str(job.id),
-        tenant=job.tenant_id,
-        type=job.type,
-        attempt=job.attempts,
-        max_attempts=job.max_attempts,
-        on_progress=progress.report,
-    )
     try:
         async with asyncio.timeout(timeout):
+            ctx = JobContext(
+                job_id=str(job.id),
+                tenant=job.tenant_id,
+                type=job.type,
+                attempt=job.attempts,
+                max_attempts=job.max_attempts,
+                on_progress=progress.report,
+                # Cached per tenant for a few seconds (jobs/signing.py); within the timeout, so
+                # a slow database cannot hold the attempt past it.
+                signing_secrets=await secret_cache.live(job.tenant_id) if spec.signed else (),
+            )
             if spec.is_async:
                 result = await spec.func(payload, ctx)
             else:

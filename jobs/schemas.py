@@ -193,6 +193,16 @@ class StatsOut(CamelSchema):
     max_concurrency: int | None
 
 
+class SigningSecretRotatedOut(CamelSchema):
+    secret: str = Field(
+        description="The new secret (`whsec_` + base64 of 32 bytes). Shown this once only."
+    )
+    created_at: datetime
+    previous_expires_at: datetime | None = Field(
+        description="When the last previous secret stops signing (null: there was none)."
+    )
+
+
 class HealthOut(CamelSchema):
     status: str
     timestamp: datetime

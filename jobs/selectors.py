@@ -1,4 +1,4 @@
-"""Reads of jobs, always scoped by tenant."""
+"""Reads of jobs and signing secrets, always scoped by tenant."""
 
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from django.db.models import Count, QuerySet
+from django.db.models import Count, Q, QuerySet
 from django.utils import timezone
 
 from jobs import api_store
 from jobs.errors import NotFound
-from jobs.models import Job, JobStatus, Tenant
+from jobs.models import Job, JobStatus, SigningSecret, Tenant
 from jobs.orm import orm
 from jobs.queue import sync_queue
 
@@ -119,3 +119,15 @@ def job_counts_by_status(*, tenant: Tenant) -> dict[str, int]:
     for status, n in rows.order_by():
         counts[status] = n
     return counts
+
+
+def signing_secrets_live(
+    *, tenant_id: str, now: datetime | None = None
+) -> list[tuple[str, datetime | None]]:
+    """The tenant's signing secrets that sign at `now` (expiry empty or later), newest first,
+    as (secret, expires_at)."""
+    now = now or timezone.now()
+    rows = SigningSecret.objects.filter(tenant_id=tenant_id).filter(
+        Q(expires_at__isnull=True) | Q(expires_at__gt=now)
+    )
+    return list(rows.order_by("-created_at", "-id").values_list("secret", "expires_at"))

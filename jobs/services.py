@@ -1,4 +1,5 @@
-"""Writes: tenants, API keys and the job state changes made on behalf of the API and the admin.
+"""Writes: tenants, API keys, signing secrets and the job state changes made on behalf of the API
+and the admin.
 
 Every state change commits first; the Redis push and the broadcast happen after commit.
 """
@@ -17,13 +18,15 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+from django.conf import settings
 from django.db import IntegrityError, transaction
+from django.db.models import Q
 from django.utils import timezone
 
-from jobs import api_store, lifecycle
+from jobs import api_store, lifecycle, signing
 from jobs.email_budget import acheck_recipient_budget, check_recipient_budget
 from jobs.errors import ApiError, Conflict, NotFound
-from jobs.models import ApiKey, Job, JobStatus, Tenant
+from jobs.models import ApiKey, Job, JobStatus, SigningSecret, Tenant
 from jobs.orm import orm
 from jobs.queue import sync_queue
 from jobs.ratelimit import acheck_rate_limit, check_rate_limit
@@ -39,12 +42,14 @@ API_KEY_RE = re.compile(r"jq_[0-9a-f]{12}_[A-Za-z0-9_\-]{20,100}")
 
 # --- tenants and API keys -----------------------------------------------------------------------
 def tenant_create(*, tenant_id: str, name: str = "") -> Tenant:
-    """Create a tenant (validated slug); raises ApiError 409 if it exists."""
+    """Create a tenant (validated slug) with its first signing secret; raises ApiError 409 if it
+    exists."""
     tenant = Tenant(id=tenant_id, name=name or tenant_id)
     tenant.full_clean(validate_unique=False)
     try:
         with transaction.atomic():
             tenant.save(force_insert=True)
+            signing_secret_create(tenant=tenant)
     except IntegrityError as exc:
         raise Conflict(f"tenant {tenant_id!r} already exists") from exc
     return tenant
@@ -112,6 +117,46 @@ def api_key_authenticate(*, raw_key: str) -> Tenant | None:
         # At most one write a minute per key, not one per request.
         ApiKey.objects.filter(pk=key.pk).update(last_used_at=now)
     return key.tenant
+
+
+# --- signing secrets ----------------------------------------------------------------------------
+def signing_secret_create(*, tenant: Tenant) -> SigningSecret:
+    """Add a secret to the tenant's live ones (it signs until rotated away); the row holds the
+    secret, to be shown once by the caller."""
+    return SigningSecret.objects.create(tenant=tenant, secret=signing.new_secret())
+
+
+@dataclass(frozen=True, slots=True)
+class RotatedSecret:
+    """A rotation's outcome: the new secret, and when the last previous one stops signing."""
+
+    secret: SigningSecret
+    previous_expires_at: datetime | None
+
+
+def signing_secret_rotate(*, tenant: Tenant, rate_limited: bool = False) -> RotatedSecret:
+    """Create a new signing secret; every previous live one keeps signing alongside it for
+    JOBS_WEBHOOK_SECRET_OVERLAP_S (one that already expires sooner keeps its time). With
+    `rate_limited`, it takes a token of the tenant's rate limit first (429)."""
+    if rate_limited:
+        check_rate_limit(tenant=tenant, jobs=1)
+    with transaction.atomic():
+        # Serialises concurrent rotations of one tenant: each sees the other's new secret.
+        Tenant.objects.select_for_update().filter(pk=tenant.pk).first()
+        now = timezone.now()
+        overlap_end = now + timedelta(seconds=settings.JOBS["WEBHOOK_SECRET_OVERLAP_S"])
+        live = SigningSecret.objects.filter(tenant=tenant).filter(
+            Q(expires_at__isnull=True) | Q(expires_at__gt=now)
+        )
+        ends = [
+            overlap_end if expires is None else min(expires, overlap_end)
+            for expires in live.values_list("expires_at", flat=True)
+        ]
+        live.filter(Q(expires_at__isnull=True) | Q(expires_at__gt=overlap_end)).update(
+            expires_at=overlap_end
+        )
+        secret = signing_secret_create(tenant=tenant)
+    return RotatedSecret(secret=secret, previous_expires_at=max(ends, default=None))
 
 
 # --- jobs ---------------------------------------------------------------------------------------

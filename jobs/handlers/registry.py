@@ -25,6 +25,9 @@ class JobContext:
     max_attempts: int
     cancel_event: asyncio.Event | None = field(default=None, compare=False)
     on_progress: Callable[[int, str | None], None] | None = field(default=None, compare=False)
+    # The tenant's live webhook signing secrets (jobs/signing.py), newest first; filled by the
+    # worker for types registered with `signed=True` only. Never in a repr (logs).
+    signing_secrets: tuple[str, ...] = field(default=(), compare=False, repr=False)
 
     def report_progress(self, percent: float, message: str | None = None) -> None:
         """Report progress (0-100, and a short message); callable from the handler's thread or
@@ -41,15 +44,17 @@ class HandlerSpec:
     func: Callable[[Any, JobContext], Any]
     timeout_s: float
     is_async: bool
+    signed: bool = False
 
 
 _REGISTRY: dict[str, HandlerSpec] = {}
 
 
 def register(
-    job_type: str, *, schema: type[BaseModel], timeout_s: float
+    job_type: str, *, schema: type[BaseModel], timeout_s: float, signed: bool = False
 ) -> Callable[[Callable[[Any, JobContext], Any]], Callable[[Any, JobContext], Any]]:
-    """Decorator: `@register("email", schema=EmailPayload, timeout_s=60)`."""
+    """Decorator: `@register("email", schema=EmailPayload, timeout_s=60)`. With `signed`, the
+    worker gives the handler the tenant's signing secrets (`ctx.signing_secrets`)."""
 
     def decorator(func: Callable[[Any, JobContext], Any]) -> Callable[[Any, JobContext], Any]:
         if job_type in _REGISTRY:
@@ -60,6 +65,7 @@ def register(
             func=func,
             timeout_s=timeout_s,
             is_async=asyncio.iscoroutinefunction(func),
+            signed=signed,
         )
         return func
 

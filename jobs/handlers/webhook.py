@@ -4,6 +4,10 @@ Every TCP connection (the first request and each redirect hop) goes through `Gua
 which resolves the host itself, refuses if any resolved address is blocked by `netguard`, and
 connects to the checked IP; TLS and the Host header still use the name from the URL. Because the
 check is made on the address actually connected to, DNS rebinding and odd IP spellings do not pass.
+
+Every request (each redirect hop too) carries the Standard Webhooks headers (`jobs/signing.py`):
+`webhook-id` is `msg_<job id>` on every attempt, `webhook-signature` holds one signature per
+live secret of the tenant, which the worker puts in `ctx.signing_secrets`.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from pydantic import (
     model_validator,
 )
 
-from jobs import netguard
+from jobs import netguard, signing
 from jobs.handlers.registry import JobContext, PermanentError, register
 
 USER_AGENT = "jobqueue-webhook/1"
@@ -43,9 +47,10 @@ MAX_HEADER_BYTES = 16 * 1024
 ERROR_SNIPPET_CHARS = 200
 
 # Hop-by-hop and framing headers are the transport's business; a caller setting them could
-# smuggle requests or break framing. X-Job-Id is ours.
+# smuggle requests or break framing. X-Job-Id and the Standard Webhooks headers are ours.
 FORBIDDEN_HEADERS = frozenset(
     {
+        *signing.SIGNED_HEADERS,
         "host",
         "content-length",
         "transfer-encoding",
@@ -302,7 +307,15 @@ async def _exchange(
     if payload.body is not None:
         content = json.dumps(payload.body, separators=(",", ":"), allow_nan=False).encode()
         headers.setdefault("Content-Type", "application/json")
+    msg_id, timestamp = signing.message_id(ctx.job_id), int(time.time())
     for hop in range(MAX_REDIRECTS + 1):
+        # Every hop is signed for the exact bytes it sends (a 303 drops the body), and the
+        # signature headers replace any a job created before they were refused might carry.
+        headers.update(
+            signing.signed_headers(
+                ctx.signing_secrets, msg_id=msg_id, timestamp=timestamp, body=content or b""
+            )
+        )
         request = client.build_request(method, url, headers=headers, content=content)
         response = await client.send(request, stream=True)
         try:
@@ -334,9 +347,10 @@ async def _exchange(
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-@register("webhook", schema=WebhookPayload, timeout_s=60)
+@register("webhook", schema=WebhookPayload, timeout_s=60, signed=True)
 async def call_webhook(payload: WebhookPayload, ctx: JobContext) -> dict[str, int]:
-    """Make the request; 2xx gives `{statusCode, durationMs}`, anything else fails.
+    """Make the request, signed with the tenant's secrets (Standard Webhooks); 2xx gives
+    `{statusCode, durationMs}`, anything else fails.
 
     4xx other than 408/429 and blocked addresses are permanent; the rest is retried.
     """

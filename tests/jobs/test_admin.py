@@ -15,8 +15,17 @@ from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from jobs.admin import EstimatedCountPaginator
-from jobs.models import ApiKey, Job, JobStatus, Tenant
-from jobs.services import JobSpec, api_key_authenticate, api_key_create, hash_api_key, job_enqueue
+from jobs.models import ApiKey, Job, JobStatus, SigningSecret, Tenant
+from jobs.selectors import signing_secrets_live
+from jobs.services import (
+    JobSpec,
+    api_key_authenticate,
+    api_key_create,
+    hash_api_key,
+    job_enqueue,
+    tenant_create,
+)
+from jobs.signing import fingerprint
 from tests.support.jobs import make_job
 from tests.support.stack import wait_until
 from tests.support.updates import listen_to_tenant
@@ -245,6 +254,57 @@ def test_tenant_can_be_added_in_the_admin(admin_client: Client, db: None) -> Non
 
     assert response.status_code == 302
     assert Tenant.objects.get(id="new-tenant").max_concurrency == 4
+
+
+# --- signing secrets ----------------------------------------------------------------------------
+SECRET_PATTERN = re.compile(r"whsec_[A-Za-z0-9+/]{43}=")
+
+
+def test_adding_a_tenant_shows_its_first_signing_secret_once(
+    admin_client: Client, db: None
+) -> None:
+    response = admin_client.post(
+        "/admin/jobs/tenant/add/",
+        {
+            "id": "acme",
+            "name": "Acme",
+            "is_active": "on",
+            "api_keys-TOTAL_FORMS": "0",
+            "api_keys-INITIAL_FORMS": "0",
+        },
+        follow=True,
+    )
+
+    shown = [m for m in messages_of(response) if "signing secret" in m]
+    assert len(shown) == 1 and "will not be shown again" in shown[0]
+    match = SECRET_PATTERN.search(shown[0])
+    assert match is not None
+    assert signing_secrets_live(tenant_id="acme") == [(match.group(0), None)]
+
+
+def test_rotate_action_shows_the_new_secret_once_and_never_lists_secrets(
+    admin_client: Client,
+) -> None:
+    tenant = tenant_create(tenant_id="acme")
+    untouched = tenant_create(tenant_id="other")
+    ((old, _),) = signing_secrets_live(tenant_id="acme")
+
+    response = action(admin_client, "/admin/jobs/tenant/", "rotate_signing_secret", [tenant])
+
+    shown = [m for m in messages_of(response) if "signing secret" in m]
+    assert len(shown) == 1 and "the previous one signs until" in shown[0]
+    match = SECRET_PATTERN.search(shown[0])
+    assert match is not None
+    new = match.group(0)
+    assert [s for s, _ in signing_secrets_live(tenant_id="acme")] == [new, old]
+    assert SigningSecret.objects.get(secret=old).expires_at is not None
+    assert SigningSecret.objects.get(tenant=untouched).expires_at is None
+    # Never again in clear: the tenant list and page show fingerprints only.
+    page = admin_client.get(f"/admin/jobs/tenant/{tenant.id}/change/").content.decode()
+    listing = admin_client.get("/admin/jobs/tenant/").content.decode()
+    for secret in (old, new):
+        assert secret not in page and secret not in listing
+        assert fingerprint(secret) in page
 
 
 # --- API keys -----------------------------------------------------------------------------------

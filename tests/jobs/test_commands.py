@@ -14,7 +14,8 @@ from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from jobs.maintenance import parse_duration_arg
-from jobs.models import ApiKey, Job, JobStatus, Tenant
+from jobs.models import ApiKey, Job, JobStatus, SigningSecret, Tenant
+from jobs.selectors import signing_secrets_live
 from jobs.services import api_key_authenticate, api_key_create
 from tests.support.jobs import make_job
 
@@ -32,13 +33,29 @@ def run(*args: str, **options: Any) -> list[str]:
 def test_create_tenant_prints_a_working_key_as_the_last_line() -> None:
     lines = run("create_tenant", "acme", "--name", "Acme Inc")
 
-    assert len(lines) == 2
+    assert len(lines) == 4
     assert "acme" in lines[0]
     tenant = Tenant.objects.get(id="acme")
     assert tenant.name == "Acme Inc"
     assert tenant.is_active
     assert api_key_authenticate(raw_key=lines[-1]) == tenant
     assert ApiKey.objects.filter(tenant=tenant).count() == 1
+
+
+def test_create_tenant_prints_its_signing_secret_once_before_the_key() -> None:
+    lines = run("create_tenant", "acme")
+
+    tenant = Tenant.objects.get(id="acme")
+    ((secret, expires_at),) = signing_secrets_live(tenant_id="acme")
+    assert expires_at is None
+    assert lines[0].endswith("webhook signing secret (shown once):")
+    assert lines[1] == secret and secret.startswith("whsec_")
+    assert lines[2].startswith("API key ")
+    assert api_key_authenticate(raw_key=lines[-1]) == tenant
+    # A new key for an existing tenant neither makes nor shows a secret.
+    again = run("create_tenant", "acme", "--if-missing")
+    assert len(again) == 2 and not any("whsec_" in line for line in again)
+    assert SigningSecret.objects.filter(tenant=tenant).count() == 1
 
 
 def test_create_tenant_refuses_an_existing_tenant(tenant: Tenant) -> None:

@@ -1,4 +1,5 @@
-"""`manage.py create_tenant <id> [--name NAME] [--if-missing]`: a tenant and its first API key."""
+"""`manage.py create_tenant <id> [--name NAME] [--if-missing]`: a tenant, its first webhook signing
+secret and its first API key."""
 
 from __future__ import annotations
 
@@ -9,14 +10,15 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import transaction
 
 from jobs.errors import Conflict
-from jobs.models import Tenant
+from jobs.models import SigningSecret, Tenant
 from jobs.services import api_key_create, tenant_create
 
 
 class Command(BaseCommand):
     help = (
-        "Create a tenant and its first API key. The full key is printed once, as the last line "
-        "of the output (scripts can take it with `tail -n1`)."
+        "Create a tenant, its first webhook signing secret and its first API key. The secret is "
+        "printed once, before the key; the full key is printed once, as the last line of the "
+        "output (scripts can take it with `tail -n1`)."
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
@@ -45,10 +47,16 @@ class Command(BaseCommand):
             key, raw_key = api_key_create(tenant=tenant, name="created by create_tenant")
 
         if created:
-            summary = f"Created tenant {tenant.id!r} ({tenant.name}) and API key {key.prefix}:"
+            # Made with the tenant by tenant_create; shown here once, never again.
+            secret = SigningSecret.objects.filter(tenant=tenant).latest("created_at", "id")
+            self.stdout.write(
+                f"Created tenant {tenant.id!r} ({tenant.name}); webhook signing secret "
+                "(shown once):"
+            )
+            self.stdout.write(secret.secret)
+            self.stdout.write(f"API key {key.prefix}:")
         else:
-            summary = f"Tenant {tenant.id!r} exists; created a new API key {key.prefix}:"
-        self.stdout.write(summary)
+            self.stdout.write(f"Tenant {tenant.id!r} exists; created a new API key {key.prefix}:")
         self.stdout.write(raw_key)
 
     def _create(self, tenant_id: str, name: str, *, if_missing: bool) -> Tenant:
