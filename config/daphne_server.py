@@ -13,12 +13,19 @@ asgiref waits for the request's thread before the instance ends), or when the gr
 over. A second signal stops at once. If a thread still outlives the reactor, the process exits
 without it after `EXIT_WATCHDOG_S` instead of hanging.
 
-Responses carry no `Server` header (Daphne would name itself on each).
+Responses carry no `Server` header (Daphne would name itself on each), and the access log shows
+no `?token=` (an API key in the URL).
 
 A WebSocket close sent with a `reason` carries it to the client (Daphne alone drops it).
 
 WebSocket applications are also offered a way to send one message to many sockets cheaply (the
-`jobqueue.prepared_frames` ASGI extension, below).
+`jobqueue.prepared_frames` ASGI extension, below), and WebSocket and HTTP applications a way to
+know how much of what they sent still waits for a slow client (`pending()`, in that extension
+and in `jobqueue.send_buffer`).
+
+Event streams (`text/event-stream` responses, `GET /events`) are ended by the server as soon as
+it starts to stop, as WebSockets are closed: they never end by themselves, and their clients
+reconnect (a browser's EventSource by itself, from the last event id it got).
 
 Run as `python -m config.daphne_server --fd N --grace S [daphne options] config.asgi:application`;
 every `daphne` option is accepted.
@@ -29,6 +36,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import re
 import signal
 import socket
 import sys
@@ -48,7 +56,7 @@ from twisted.internet import reactor, tcp
 
 from config.logging import AccessLog
 from config.memory import freeze_startup_objects
-from realtime.hub import PREPARED_FRAMES
+from realtime.hub import PREPARED_FRAMES, SEND_BUFFER
 
 # Named, not __name__: this module runs as __main__.
 logger = logging.getLogger("config.daphne_server")
@@ -58,6 +66,8 @@ DRAIN_TICK_S = 0.1
 # thread outlived the grace period and waits for the stopped loop: exit without it.
 EXIT_WATCHDOG_S = 2.0
 GOING_AWAY = 1001
+# `?token=<api key>` in a logged request line.
+TOKEN_IN_QUERY = re.compile(r"([?&])token=[^&#]*")
 # RFC 6455: a close frame's payload is at most 125 bytes, two of them the code.
 MAX_CLOSE_REASON_BYTES = 123
 
@@ -134,6 +144,11 @@ class GracefulServer(Server):
             scope.setdefault("extensions", {})[PREPARED_FRAMES] = {
                 "prepare": self._prepare_text,
                 "send": functools.partial(self._send_prepared, protocol),
+                "pending": functools.partial(websocket_pending_bytes, protocol),
+            }
+        elif isinstance(protocol, WebRequest):
+            scope.setdefault("extensions", {})[SEND_BUFFER] = {
+                "pending": functools.partial(request_pending_bytes, protocol),
             }
         return super().create_application(protocol, scope)
 
@@ -153,6 +168,13 @@ class GracefulServer(Server):
             protocol.sendClose(code=message.get("code") or 1000, reason=truncated)
             return
         await super().handle_reply(protocol, message)
+
+    def log_action(self, protocol: str, action: str, details: dict[str, Any]) -> None:
+        # An EventSource (like a browser's WebSocket) can only send its key in the URL.
+        path = details.get("path")
+        if isinstance(path, str) and "token=" in path:
+            details = {**details, "path": TOKEN_IN_QUERY.sub(r"\1token=[redacted]", path)}
+        super().log_action(protocol, action, details)
 
     def _prepare_text(self, text: str) -> PreparedMessage:
         """A text message framed once, to be sent on many sockets (autobahn's broadcast)."""
@@ -228,6 +250,10 @@ class GracefulServer(Server):
                 protocol.sendCloseFrame(code=GOING_AWAY, isReply=False)
         elif not details.get("disconnected"):
             _close_after_response(protocol)
+            if _is_event_stream(protocol) and not protocol.finished:
+                # It would run until the grace period is over: end it now (the client sees a
+                # clean end of the response, and the application an `http.disconnect`).
+                protocol.finish()
 
     def _stop_reactor(self) -> None:
         if reactor.running:
@@ -251,6 +277,45 @@ class SharedSocketPort(tcp.Port):
 
 def log_context() -> dict[str, int]:
     return {"pid": os.getpid()}
+
+
+def pending_bytes(transport: Any) -> int:
+    """Bytes written to a connection that the kernel has not taken yet: Twisted keeps them in
+    its transport, `dataBuffer` from `offset` plus the `_tempDataLen` bytes not yet joined to
+    it. A wrapping transport (TLS) is looked through to the socket's. 0 if none is found."""
+    for _ in range(3):
+        if transport is None:
+            return 0
+        if hasattr(transport, "dataBuffer"):
+            return (
+                len(transport.dataBuffer) - transport.offset + getattr(transport, "_tempDataLen", 0)
+            )
+        transport = getattr(transport, "transport", None)
+    return 0
+
+
+def websocket_pending_bytes(protocol: WebSocketProtocol) -> int:
+    """What a WebSocket's client has yet to receive: the transport's buffer and autobahn's own
+    send queue (used only for chopped or synchronous sends; empty otherwise). 0 once the
+    connection is closed: nothing will be sent any more, so nothing should wait for it."""
+    if protocol.state == protocol.STATE_CLOSED:
+        return 0
+    send_queue = getattr(protocol, "send_queue", None)
+    queued = sum(len(data) for data, _ in send_queue) if send_queue else 0
+    return pending_bytes(protocol.transport) + queued
+
+
+def request_pending_bytes(request: WebRequest) -> int:
+    """What an HTTP response's client has yet to receive."""
+    channel = request.channel
+    return 0 if channel is None else pending_bytes(channel.transport)
+
+
+def _is_event_stream(request: WebRequest) -> bool:
+    if not getattr(request, "_response_started", False):
+        return False
+    content_type = (request.responseHeaders.getRawHeaders(b"content-type") or [b""])[0]
+    return content_type.split(b";")[0].strip().lower() == b"text/event-stream"
 
 
 def _close_after_response(request: WebRequest) -> None:

@@ -9,21 +9,25 @@ WhiteNoise, sessions and CSRF run in threads). The API needs none of that: its v
 do their database work on psycopg's async pool or, for the ORM, through
 `jobs.orm.orm`, which returns its connection to the pool itself. The lean handler keeps what the
 API does need: URL resolution and django-ninja, the ALLOWED_HOSTS check, the security headers
-and HTTPS redirect of SecurityMiddleware, and 413 for oversized bodies.
+and HTTPS redirect of SecurityMiddleware, and 413 for oversized bodies. Streaming responses
+(the event stream of `/events`) are stopped as soon as the client disconnects, as Django's
+handler does, and closed however they end.
 """
 
 from __future__ import annotations
 
+import asyncio
 import io
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.core.exceptions import DisallowedHost, RequestDataTooBig
 from django.core.handlers.asgi import ASGIHandler, get_script_prefix
 from django.core.handlers.exception import convert_exception_to_response
-from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.http import HttpRequest, HttpResponse, HttpResponseBase, JsonResponse
 from django.middleware.security import SecurityMiddleware
 from django.urls import set_script_prefix, set_urlconf
 
@@ -36,9 +40,10 @@ Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-# Paths the lean handler serves: the REST API's (django-ninja) operations. /docs and
-# /openapi.json stay with Django's handler (they need static files and are not hot).
-API_PATH_PREFIXES = ("/jobs", "/stats", "/health", "/ready", "/metrics")
+# Paths the lean handler serves: the REST API's (django-ninja) operations and its event stream
+# (realtime/sse.py). /docs and /openapi.json stay with Django's handler (they need static files
+# and are not hot).
+API_PATH_PREFIXES = ("/jobs", "/stats", "/health", "/ready", "/metrics", "/events")
 API_URLCONF = "config.api_urls"
 PROBE_PATHS = frozenset({"/health", "/ready"})
 
@@ -81,7 +86,33 @@ class ApiHandler(ASGIHandler):
         set_script_prefix(get_script_prefix(scope))
         request, error_response = self.create_request(scope, body)
         response = error_response if request is None else await self._respond(request)
-        await self.send_response(response, send)
+        if response.streaming:
+            await self._send_streaming(response, receive, send)
+        else:
+            await self.send_response(response, send)
+
+    async def _send_streaming(
+        self, response: HttpResponseBase, receive: Receive, send: Send
+    ) -> None:
+        """Send a streaming response (an event stream, which runs until its client leaves):
+        stopped as soon as the client disconnects, and closed however it ends."""
+        sending = asyncio.ensure_future(self.send_response(response, send))
+        leaving = asyncio.ensure_future(_disconnected(receive))
+        client_left = False
+        try:
+            await asyncio.wait({sending, leaving}, return_when=asyncio.FIRST_COMPLETED)
+            client_left = leaving.done()
+        finally:
+            for task in (leaving, sending):
+                task.cancel()
+            await asyncio.gather(sending, leaving, return_exceptions=True)
+            # What Django's handler does after every response: run the response's closers.
+            await sync_to_async(response.close, thread_sensitive=True)()
+        if client_left or sending.cancelled() or sending.exception() is None:
+            return
+        logger.error("a streaming response failed", exc_info=sending.exception())
+        # End the response the client is reading (the server ignores it if it has ended).
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _respond(self, request: HttpRequest) -> HttpResponse:
         # Probes (a container's health check, a load balancer) call by IP address, a Host that
@@ -106,6 +137,12 @@ class ApiHandler(ASGIHandler):
         if response.status_code == 405:
             response = _method_not_allowed(response)
         return self.security.process_response(request, response)
+
+
+async def _disconnected(receive: Receive) -> None:
+    """Return once the client has gone (all of the request body was read before)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 def _method_not_allowed(response: HttpResponse) -> HttpResponse:

@@ -226,6 +226,10 @@ JOBS = {
     "WS_MAX_PER_KEY": env_int("JOBS_WS_MAX_PER_KEY", 100, minimum=0),
     "WS_MAX_PER_TENANT": env_int("JOBS_WS_MAX_PER_TENANT", 300, minimum=0),
     "WS_REPLAY_ROWS_PER_S": env_int("JOBS_WS_REPLAY_ROWS_PER_S", 2000, minimum=0),
+    # Bytes a WebSocket or /events stream may have waiting in the server for a client that
+    # reads slowly; past it a socket's live updates are dropped (RESYNC once it has read half),
+    # a stream waits before it reads more.
+    "WS_SEND_BUFFER_BYTES": env_int("JOBS_WS_SEND_BUFFER_BYTES", 1024 * 1024, minimum=1024),
     # How the API's hot endpoints reach the database: "postgres" (psycopg's async pool on the
     # event loop, jobs/api_store.py) or "orm" (the ORM in a thread: SQLite, and unit tests, whose
     # data lives in a transaction only Django's own connection sees).

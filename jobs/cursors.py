@@ -10,8 +10,9 @@ Sequence values are handed out in statement order, not commit order: a transacti
 cursor 10 may commit after one holding 11. So "every change up to C" is only known once no
 transaction that could still commit a cursor <= C is running. `watermark()` finds such a C: it
 reads the sequence's last value L, then waits for the transactions that were running at that
-moment to end (the trigger makes a transaction take its id before its cursor, so each of them is
-in the snapshot). After that, every row with a cursor <= L is committed or gone for good.
+moment to end (the trigger makes a transaction take its id before its cursor, so each of them
+holds the lock on its id by then). After that, every row with a cursor <= L is committed or gone
+for good.
 SQLite has one writer at a time, so its largest cursor is already such a point.
 
 On the wire a cursor is a string of decimal digits; "0" is before every change.
@@ -31,6 +32,12 @@ MAX = 2**63 - 1
 # How long `watermark` waits for running transactions before giving up (it then returns None).
 WAIT_S = 2.0
 _POLL_S = 0.002
+_XID_LOCKS = (
+    "SELECT array_agg(transactionid::text) FROM pg_locks "
+    "WHERE locktype = 'transactionid' AND mode = 'ExclusiveLock' AND granted"
+)
+_RUNNING_XIDS = f"{_XID_LOCKS} AND pid <> pg_backend_pid()"
+_STILL_RUNNING = f"{_XID_LOCKS} AND transactionid::text = ANY(%s)"
 
 _SQLITE_TRIGGERS = [
     f"""
@@ -77,18 +84,15 @@ def watermark(*, wait_s: float | None = None) -> int | None:
         cursor.execute("SELECT last_value, is_called FROM jobs_job_cursor_seq")
         last_value, is_called = cursor.fetchone()
         upto = int(last_value) if is_called else 0
-        cursor.execute(
-            "SELECT array_agg(x::text) FROM pg_snapshot_xip(pg_current_snapshot()) AS x "
-            "WHERE x IS DISTINCT FROM pg_current_xact_id_if_assigned()"
-        )
+        # Every transaction with an id holds an exclusive lock on it until it has ended (after
+        # it left the running set, so a new snapshot sees its rows). A snapshot's running set
+        # would miss the ones whose id is past every finished transaction's (they are beyond
+        # its xmax, not listed in it).
+        cursor.execute(_RUNNING_XIDS)
         running = cursor.fetchone()[0] or []
         deadline = time.monotonic() + (WAIT_S if wait_s is None else wait_s)
         while running:
-            cursor.execute(
-                "SELECT array_agg(x::text) FROM unnest(%s::xid8[]) AS x "
-                "WHERE pg_xact_status(x) = 'in progress'",
-                [running],
-            )
+            cursor.execute(_STILL_RUNNING, [running])
             running = cursor.fetchone()[0] or []
             if running and time.monotonic() > deadline:
                 return None

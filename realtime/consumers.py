@@ -14,6 +14,11 @@ Protocol decisions beyond the spec:
   resubscribe with since".
 - A replay that hits SINCE_REPLAY_LIMIT ends with an ERROR "replay truncated, resubscribe with
   since" that carries the `since` to resume from.
+- A client that reads slowly: with our server (config/daphne_server.py), frames go straight to
+  the socket, and what its client has not read stays in the server. Past
+  JOBS_WS_SEND_BUFFER_BYTES unread, live frames are dropped until it has read down to half, then
+  it gets a RESYNC (SLOW_READER) per subscription; replays and the frames held during them are
+  sent at the client's pace instead (they wait, live frames are held).
 - Limits: a frame above 64 KiB closes the socket with 4009, more than 50 frames/s (burst 100) with
   4008; at most 100 subscriptions per connection. (4000 + the RFC 6455 code: Daphne only lets an
   application send 1000 or 3000-4999; its own 1 MiB cap closes with 1009.)
@@ -26,6 +31,7 @@ import json
 import logging
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -40,12 +46,13 @@ from jobs.auth import STAFF_CHANGED, aauthenticate
 from jobs.models import TENANT_ID_PATTERN, Tenant
 from jobs.orm import orm
 from jobs.schemas import in_time_range
-from jobs.selectors import job_changes_after, job_updated_since
+from jobs.selectors import job_updated_since
 from jobs.services import hash_api_key
 from realtime.auth import staff_session_user
 from realtime.broadcast import iso, job_update_message
 from realtime.hub import PREPARED_FRAMES, Frame, Hub, get_hub
 from realtime.limits import Presence, socket_fields, take_replay_rows
+from realtime.replay import CursorAheadError, replay_changes
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +62,9 @@ CLOSE_MESSAGE_TOO_BIG = 4009
 CLOSE_CREDENTIALS_REVOKED = 4001
 CLOSE_TOO_MANY_CONNECTIONS = 4029
 UPDATES_DROPPED = "updates dropped, resubscribe with cursor (or since)"
+SLOW_READER = "updates dropped while this socket read too slowly, resubscribe with cursor"
+# How often a socket past its send buffer limit looks whether its client has read enough.
+DRAIN_POLL_S = 0.05
 # The `code` of an ERROR after which the client resubscribes from the `cursor` it carries.
 RESYNC = "RESYNC"
 REPLAY_TRUNCATED = "replay truncated, resubscribe with since"
@@ -65,6 +75,8 @@ STAFF_RECHECK_S = 5.0
 # Live frames a socket may hold while its replay is sent; beyond that they are dropped and the
 # client is told to catch up.
 LIVE_BUFFER_MAX = 5000
+# Held frames are sent in parts of this many, each once the client has read enough.
+RELEASE_PART = 100
 TENANT_ID_RE = re.compile(TENANT_ID_PATTERN)
 
 
@@ -106,31 +118,6 @@ def _jobs_updated_since(tenant_id: str, since: datetime, limit: int) -> list[dic
     # Frames are built in the thread: nothing lazy crosses back into the event loop.
     jobs = job_updated_since(tenant_id=tenant_id, since=since, limit=limit)
     return [job_update_message(job) for job in jobs]
-
-
-@dataclass(frozen=True, slots=True)
-class Replay:
-    """The frames of a cursor replay, and the cursor the subscriber holds every change up to
-    once it has them (the last frame's if the replay was cut at its limit)."""
-
-    frames: list[dict[str, Any]]
-    resume: int
-    truncated: bool
-
-
-@orm
-def _changes_after(tenant_id: str, after: int, limit: int) -> Replay:
-    upto = cursors.watermark()
-    if upto is not None and after > upto:
-        raise ProtocolError(
-            '"cursor" is ahead of every change this server has; resubscribe with "cursor": "0"'
-        )
-    jobs = job_changes_after(tenant_id=tenant_id, after=after, upto=upto, limit=limit)
-    truncated = len(jobs) >= limit > 0
-    # Without a watermark (transactions still running), nothing beyond `after` is proven.
-    proven = after if upto is None else upto
-    resume = jobs[-1].cursor if truncated else proven
-    return Replay([job_update_message(job) for job in jobs], resume, truncated)
 
 
 def _parse_time(value: Any) -> datetime | None:
@@ -211,6 +198,10 @@ class JobUpdatesConsumer(AsyncJsonWebsocketConsumer):
         # RESYNC tells the client to resume from.
         self.resume: dict[str, int | None] = {}
         self.dropped_while_held: set[str] = set()
+        # Past JOBS_WS_SEND_BUFFER_BYTES queued for the client, live frames are dropped until it
+        # has read down to half of that (then RESYNC).
+        self.overflowed = False
+        self.drain_watch: asyncio.Task[None] | None = None
         self.bucket = TokenBucket(rate=self.rate_per_second, burst=self.rate_burst)
         self.closing = False
         self.hub: Hub | None = None
@@ -417,8 +408,16 @@ class JobUpdatesConsumer(AsyncJsonWebsocketConsumer):
     async def _replay_changes(self, tenant_id: str, after: int) -> None:
         """The current state of each job changed after the cursor, in cursor order; then
         SUBSCRIBED with the cursor reached (and a RESYNC if the replay was cut at its limit)."""
-        limit, retry_ms = await take_replay_rows(tenant_id, settings.JOBS["SINCE_REPLAY_LIMIT"])
-        if limit == 0:
+        try:
+            replay = await replay_changes(tenant_id, after)
+        except CursorAheadError as exc:
+            self.held.pop(tenant_id, None)
+            self.subscriptions.discard(tenant_id)
+            await self.hub.unsubscribe(tenant_id, self)
+            raise ProtocolError(
+                '"cursor" is ahead of every change this server has; resubscribe with "cursor": "0"'
+            ) from exc
+        if replay.budget_spent:
             self.resume[tenant_id] = after
             await self.send_json(
                 {"type": "SUBSCRIBED", "tenantId": tenant_id, "cursor": cursors.text(after)}
@@ -428,22 +427,14 @@ class JobUpdatesConsumer(AsyncJsonWebsocketConsumer):
                 code=RESYNC,
                 tenantId=tenant_id,
                 cursor=cursors.text(after),
-                retryAfterMs=retry_ms,
+                retryAfterMs=replay.retry_after_ms,
             )
             await self._release_held(tenant_id, {})
             return
-        try:
-            replay = await _changes_after(tenant_id, after, limit)
-        except ProtocolError:
-            self.held.pop(tenant_id, None)
-            self.subscriptions.discard(tenant_id)
-            await self.hub.unsubscribe(tenant_id, self)
-            raise
-        if len(replay.frames) < limit:
-            await take_replay_rows(tenant_id, len(replay.frames) - limit)
         floors: dict[str, int] = {}
         for frame in replay.frames:
             floors[frame["jobId"]] = int(frame["cursor"])
+            await self._wait_for_client()
             await self.send_json(frame)
         self.resume[tenant_id] = replay.resume
         resume = cursors.text(replay.resume)
@@ -470,6 +461,7 @@ class JobUpdatesConsumer(AsyncJsonWebsocketConsumer):
             updated_at = _parse_time(frame["updatedAt"])
             if updated_at is not None:
                 floors[frame["jobId"]] = updated_at
+            await self._wait_for_client()
             await self.send_json(frame)
         if len(frames) >= limit:
             # Resume one microsecond early: jobs sharing the last timestamp are not skipped.
@@ -483,17 +475,21 @@ class JobUpdatesConsumer(AsyncJsonWebsocketConsumer):
     ) -> None:
         """Send the live frames held during a replay, minus those the replay already covered
         (floors: the replayed `updatedAt` or cursor of each job)."""
-        if tenant_id in self.dropped_while_held:
-            self.dropped_while_held.discard(tenant_id)
-            logger.warning("live updates dropped during a replay %s", self.identity)
-            await self._send_resync(tenant_id)
         while True:
+            if tenant_id in self.dropped_while_held:
+                self.dropped_while_held.discard(tenant_id)
+                logger.warning("live updates dropped during a replay %s", self.identity)
+                await self._send_resync(tenant_id)
             held = self.held.get(tenant_id)
             if not held:
                 self.held.pop(tenant_id, None)
                 return
             self.held[tenant_id] = []
-            await self._send_frames([f for f in held if not self._covered_by_replay(f, floors)])
+            frames = [f for f in held if not self._covered_by_replay(f, floors)]
+            # In parts, at the client's pace (what arrives meanwhile is held in turn).
+            for start in range(0, len(frames), RELEASE_PART):
+                await self._wait_for_client()
+                await self._send_frames(frames[start : start + RELEASE_PART])
 
     @staticmethod
     def _covered_by_replay(frame: Frame, floors: dict[str, datetime] | dict[str, int]) -> bool:
@@ -512,14 +508,14 @@ class JobUpdatesConsumer(AsyncJsonWebsocketConsumer):
         updated_at = _parse_time(update.get("updatedAt"))
         return updated_at is not None and updated_at <= floor
 
-    async def _send_resyncs(self) -> None:
+    async def _send_resyncs(self, message: str = UPDATES_DROPPED) -> None:
         for tenant_id in sorted(self.subscriptions):
-            await self._send_resync(tenant_id)
+            await self._send_resync(tenant_id, message)
 
-    async def _send_resync(self, tenant_id: str) -> None:
+    async def _send_resync(self, tenant_id: str, message: str = UPDATES_DROPPED) -> None:
         """Tell the client it may have missed updates of the tenant, and where to resume."""
         await self.send_error(
-            UPDATES_DROPPED,
+            message,
             code=RESYNC,
             tenantId=tenant_id,
             cursor=cursors.text(self.resume.get(tenant_id)),
@@ -600,12 +596,59 @@ class JobUpdatesConsumer(AsyncJsonWebsocketConsumer):
         # once per process and written straight to the socket; elsewhere, the plain ASGI send.
         fast = self.scope.get("extensions", {}).get(PREPARED_FRAMES)
         if fast is not None:
+            if self.overflowed:
+                return  # dropped: the client gets a RESYNC once it has read what is queued
+            # What is still queued from earlier event-loop turns is what the client did not
+            # read (what this call writes goes out at the next turn, so it is not counted).
+            pending = fast.get("pending")
+            limit = settings.JOBS["WS_SEND_BUFFER_BYTES"]
+            if pending is not None and pending() > limit:
+                self._overflow(pending, limit)
+                return
             prepare, send_prepared = fast["prepare"], fast["send"]
             for frame in frames:
                 send_prepared(frame.prepared(prepare))
             return
         for frame in frames:
             await self.base_send({"type": "websocket.send", "text": frame.text})
+
+    async def _wait_for_client(self) -> None:
+        """Before the next part of a replay or of the frames held during it: while the client
+        has more than JOBS_WS_SEND_BUFFER_BYTES to read, wait until it has read half (live
+        frames are held meanwhile), so that a replay paces itself instead of overflowing."""
+        fast = self.scope.get("extensions", {}).get(PREPARED_FRAMES)
+        pending = None if fast is None else fast.get("pending")
+        limit = settings.JOBS["WS_SEND_BUFFER_BYTES"]
+        if pending is None or pending() <= limit:
+            return
+        # What was written in this turn of the event loop goes out at the next one.
+        await asyncio.sleep(0)
+        # Polled: a transport's buffer has nothing to wait on (its producer slot is taken).
+        while not self.closing and pending() > limit // 2:  # noqa: ASYNC110
+            await asyncio.sleep(DRAIN_POLL_S)
+
+    def _overflow(self, pending: Callable[[], int], limit: int) -> None:
+        """The client reads slower than its updates come: stop writing to its socket (what is
+        queued stays queued) until it has read down to half the limit, then tell it to resync."""
+        self.overflowed = True
+        logger.warning(
+            "websocket send buffer over %d bytes: dropping updates until it drains %s",
+            limit,
+            self.identity,
+        )
+        self.drain_watch = asyncio.get_running_loop().create_task(
+            self._resync_when_drained(pending, limit)
+        )
+
+    async def _resync_when_drained(self, pending: Callable[[], int], limit: int) -> None:
+        # Polled: a transport's buffer has nothing to wait on (its producer slot is taken).
+        while not self.closing and pending() > limit // 2:  # noqa: ASYNC110
+            await asyncio.sleep(DRAIN_POLL_S)
+        if self.closing:
+            return
+        # RESYNC first, then live frames again: those dropped meanwhile are in the replay.
+        await self._send_resyncs(SLOW_READER)
+        self.overflowed = False
 
     def updates_lost(self) -> None:
         """The hub may have missed updates (its Redis connection dropped): tell the client, and

@@ -36,7 +36,10 @@ RECONNECT_DELAYS_S = (0.05, 0.2, 0.5, 1.0, 2.0)
 # `prepare(text)` frames a message once, `send(prepared)` writes it to one socket. One update goes
 # to many sockets; framing it once per process instead of once per socket, and skipping the
 # per-message ASGI hops, is most of what a fan-out costs. Consumers use it when it is offered.
+# It also offers `pending()`: the bytes written to that socket that the kernel has not taken yet.
 PREPARED_FRAMES = "jobqueue.prepared_frames"
+# Its counterpart for HTTP responses (a `GET /events` stream): `{"pending": callable}`.
+SEND_BUFFER = "jobqueue.send_buffer"
 SUBSCRIBE_TIMEOUT_S = 5.0
 READ_TIMEOUT_S = 5.0
 READ_BATCH = 100
