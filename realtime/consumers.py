@@ -68,6 +68,7 @@ DRAIN_POLL_S = 0.05
 # The `code` of an ERROR after which the client resubscribes from the `cursor` it carries.
 RESYNC = "RESYNC"
 REPLAY_TRUNCATED = "replay truncated, resubscribe with since"
+CURSOR_REPLAY_TRUNCATED = "replay truncated, resubscribe with cursor"
 REPLAY_BUDGET_SPENT = "replay budget of this tenant spent, resubscribe with since later"
 # How often an open staff socket's session and permission are checked again (besides at once
 # when a user changes or logs out): the same bound as for API keys (jobs/auth.py).
@@ -440,7 +441,9 @@ class JobUpdatesConsumer(AsyncJsonWebsocketConsumer):
         resume = cursors.text(replay.resume)
         await self.send_json({"type": "SUBSCRIBED", "tenantId": tenant_id, "cursor": resume})
         if replay.truncated:
-            await self.send_error(REPLAY_TRUNCATED, code=RESYNC, tenantId=tenant_id, cursor=resume)
+            await self.send_error(
+                CURSOR_REPLAY_TRUNCATED, code=RESYNC, tenantId=tenant_id, cursor=resume
+            )
         await self._release_held(tenant_id, floors)
 
     async def _replay(self, tenant_id: str, since: datetime) -> None:

@@ -390,7 +390,7 @@ def test_truncated_replays_are_followed_until_caught_up(stack: Stack) -> None:
     mirror = asyncio.run(scenario())
     messages = {r["message"] for r in mirror.resyncs}
     print(f"\ntruncated replays: {mirror.summary()}; {sorted(messages)}")
-    assert "replay truncated, resubscribe with since" in messages
+    assert "replay truncated, resubscribe with cursor" in messages
     assert len(mirror.resyncs) >= 2
     assert len(mirror.state) == 2500
     mirror.check()
