@@ -199,6 +199,12 @@ JOBS = {
     "WEBHOOK_ALLOWED_HOSTS": env_list("JOBS_WEBHOOK_ALLOWED_HOSTS"),
     # How long a tenant's previous signing secrets keep signing after a rotation (docs/webhooks.md).
     "WEBHOOK_SECRET_OVERLAP_S": env_int("JOBS_WEBHOOK_SECRET_OVERLAP_S", 86400, minimum=0),
+    # Destination protection (jobs/destinations.py, docs/webhooks.md): requests at once per host
+    # over all workers, consecutive failures that open a host's circuit, and how long it stays
+    # open before one probe request is let through.
+    "WEBHOOK_HOST_CONCURRENCY": env_int("JOBS_WEBHOOK_HOST_CONCURRENCY", 8, minimum=1),
+    "WEBHOOK_BREAKER_FAILURES": env_int("JOBS_WEBHOOK_BREAKER_FAILURES", 10, minimum=1),
+    "WEBHOOK_BREAKER_COOLDOWN_S": env_int("JOBS_WEBHOOK_BREAKER_COOLDOWN_S", 60, minimum=1),
     "RETRY_BASE_MS": env_int("JOBS_RETRY_BASE_MS", 1000, minimum=0),
     "RETRY_MAX_MS": env_int("JOBS_RETRY_MAX_MS", 300000, minimum=0),
     "LEASE_S": env_int("JOBS_LEASE_S", 30, minimum=1),

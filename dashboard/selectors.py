@@ -14,7 +14,7 @@ from django.utils import timezone
 
 from jobs import cursors
 from jobs.models import Job, JobStatus, Tenant
-from jobs.queue import sync_queue
+from jobs.queue import Circuit, sync_queue
 from jobs.selectors import QueueDepth, tenant_queue_depths
 from realtime.consumers import JobUpdatesConsumer
 
@@ -91,6 +91,8 @@ class DashboardStats:
     throughput: list[ThroughputBucket]
     workers: list[WorkerRow]
     redis_ok: bool
+    # Webhook destination hosts whose circuit breaker is open or half-open (all tenants).
+    circuits: list[Circuit]
 
 
 def job_counts_by_tenant(*, tenant_id: str | None = None) -> dict[str, dict[str, int]]:
@@ -165,6 +167,16 @@ def workers_seen(*, now: datetime) -> tuple[list[WorkerRow], bool]:
     return rows, redis_ok
 
 
+def open_circuits() -> list[Circuit]:
+    """Hosts whose webhook circuit is open or half-open (jobs/destinations.py); none shown
+    when Redis cannot be read (the Redis warning says so)."""
+    try:
+        return sync_queue().open_circuits()
+    except Exception as exc:
+        logger.warning("dashboard: Redis unavailable for open circuits (%s)", exc)
+        return []
+
+
 def dashboard_stats(*, tenant: Tenant | None = None, now: datetime | None = None) -> DashboardStats:
     """The dashboard's data in a fixed number of queries, whatever the number of jobs."""
     now = now or timezone.now()
@@ -200,4 +212,5 @@ def dashboard_stats(*, tenant: Tenant | None = None, now: datetime | None = None
         workers=workers,
         # tenant_queue_depths reports an unreachable Redis as ready=None.
         redis_ok=redis_ok and all(depth.ready is not None for depth in depths.values()),
+        circuits=open_circuits(),
     )

@@ -98,6 +98,16 @@ def stats_payload(stats: DashboardStats) -> dict[str, Any]:
             for w in stats.workers
         ],
         "redisOk": stats.redis_ok,
+        "openCircuits": [
+            {
+                "host": c.host,
+                "state": c.state,
+                "until": iso(c.until),
+                "failures": c.failures,
+                "openedAt": None if c.opened_at is None else iso(c.opened_at),
+            }
+            for c in stats.circuits
+        ],
     }
 
 

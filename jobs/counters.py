@@ -22,7 +22,11 @@ from typing import Any, Literal
 
 from jobs.models import Job, JobStatus
 
-EVENTS = ("created", "completed", "failed", "retried", "cancelled")
+# `held`: an attempt a webhook's destination protection ended before its request
+# (jobs/destinations.py): the job waits, PENDING, its attempt not spent; neither a retry nor a
+# failure.
+EVENTS = ("created", "completed", "failed", "retried", "cancelled", "held")
+HELD = "held"
 # Upper bounds (seconds) of the histogram buckets; the last bucket is +Inf.
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 PROCESS_ID = f"{socket.gethostname()}:{os.getpid()}"
@@ -81,6 +85,14 @@ def outcome_increments(jobs: Iterable[Job], now: datetime) -> Increments:
         increments.counts[("events", event_field(event, job))] += 1
         if job.started_at is not None:
             increments.observe("duration", job.type, (now - job.started_at).total_seconds())
+    return increments
+
+
+def hold_increments(jobs: Iterable[Job]) -> Increments:
+    """Count attempts held back before their request (no duration: nothing ran)."""
+    increments = Increments()
+    for job in jobs:
+        increments.counts[("events", event_field(HELD, job))] += 1
     return increments
 
 

@@ -1,6 +1,8 @@
 """Every transition of a job's status, in one place.
 
     create ─► PENDING ─claim─► RUNNING ─finish─► COMPLETED | FAILED | PENDING (a retry, later)
+                 │                │ finish, held (its destination is protected) ─► PENDING at
+                 │                │     the time given, attempt not spent
                  │                │ put_back (its worker is stopping) ─► PENDING, attempt not spent
                  │                │ recover (its lease expired) ─► PENDING | FAILED
                  └─── cancel ─────┴─► CANCELLED
@@ -35,15 +37,23 @@ logger = logging.getLogger(__name__)
 
 # The events of SPEC's metrics a transition counts when it publishes.
 CREATED, CANCELLED = "created", "cancelled"
+HELD_PREFIX = "held: "
 
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
-    """The result of one attempt, as the worker hands it over."""
+    """The result of one attempt, as the worker hands it over. `held_until`: the attempt was
+    not made (its destination is protected: jobs/destinations.py) and the job waits until then,
+    the attempt not spent; `error` says why."""
 
     result: Any = None
     error: str | None = None
     permanent: bool = False
+    held_until: datetime | None = None
+
+    @classmethod
+    def held(cls, until: datetime, reason: str) -> Outcome:
+        return cls(error=HELD_PREFIX + reason, held_until=until)
 
     @property
     def ok(self) -> bool:
@@ -73,15 +83,20 @@ class RetryPolicy:
         return job.attempts >= job.max_attempts
 
     def after_attempt(self, job: Job, outcome: Outcome, now: datetime) -> dict[str, Any]:
-        """The columns an attempt's outcome writes: COMPLETED, FAILED, or PENDING again."""
+        """The columns an attempt's outcome writes: COMPLETED, FAILED, or PENDING again (held:
+        at `held_until`, the attempt given back)."""
         fields: dict[str, Any] = {
             "updated_at": now,
             "lease_token": None,
             "lease_expires_at": None,
             "finished_at": None,
             "run_at": job.run_at,
+            # Every outcome of a batch writes the same columns (store.write_outcomes).
+            "attempts": job.attempts,
         }
-        if outcome.ok:
+        if outcome.held_until is not None:
+            fields.update(held_fields(job, outcome))
+        elif outcome.ok:
             fields.update(
                 status=JobStatus.COMPLETED, result=outcome.result, error=None, finished_at=now
             )
@@ -112,6 +127,18 @@ class RetryPolicy:
         else:
             fields.update(status=JobStatus.PENDING, run_at=now)
         return fields
+
+
+def held_fields(job: Job, outcome: Outcome) -> dict[str, Any]:
+    """The columns of an attempt held back before its request (`Outcome.held`): PENDING until
+    `held_until`, the attempt not spent, the reason in `error`."""
+    return {
+        "status": JobStatus.PENDING,
+        "attempts": max(0, job.attempts - 1),
+        "result": None,
+        "error": outcome.error,
+        "run_at": outcome.held_until,
+    }
 
 
 def put_back_fields(job: Job, now: datetime) -> dict[str, Any]:
@@ -255,7 +282,16 @@ class WorkerTransitions:
         written = await self.jobs.write_outcomes(planned=planned)
         changed = [job for job in written if job is not None]
         await apublish(changed, queue=self.queue)
-        await self._count(self.queue.record_outcomes, changed, now)
+        # A held job made no attempt: counted as `held`, never as a retry or a failure.
+        held = [
+            job
+            for job, (_, outcome) in zip(written, items, strict=True)
+            if job is not None and outcome.held_until is not None
+        ]
+        held_ids = {job.id for job in held}
+        attempted = [job for job in changed if job.id not in held_ids]
+        await self._count(self.queue.record_outcomes, attempted, now)
+        await self._count(self.queue.record_holds, held)
         return written
 
     async def put_back(self, job: Job) -> Job | None:

@@ -93,6 +93,14 @@ class JobQueueCollector(Collector):
             "jobqueue_tenants_ready", "Tenants with runnable jobs", value=depths.tenants_ready
         )
         yield from self._events(queue)
+        circuits = GaugeMetricFamily(
+            "jobqueue_webhook_circuits_open",
+            "Webhook destination hosts whose circuit breaker is open or half-open (1 each)",
+            labels=["host", "state"],
+        )
+        for circuit in queue.open_circuits():
+            circuits.add_metric([circuit.host, circuit.state], 1)
+        yield circuits
 
     def _events(self, queue: Queue) -> Iterator[Metric]:
         """The counters and histograms every process adds to in Redis (jobs/counters.py)."""

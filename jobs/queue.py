@@ -29,6 +29,10 @@ Limits and budgets
     P:ws:proc:{process}   HASH  "total", "t:{tenant}", "k:{key digest}" -> open sockets
     P:login:user:{name}   STRING failed logins of a user name in the throttle's window
     P:login:addr:{address} STRING failed logins from a client address in that window
+Destination protection (webhook requests; jobs/destinations.py)
+    P:host:{host}:slots   ZSET  request holder -> lease expiry (ms): requests in flight to a host
+    P:host:{host}:breaker HASH  the host's circuit breaker: state, failures, until, probe, ...
+    P:circuits            ZSET  host -> until (ms), for hosts whose circuit is open or half-open
 Metrics (jobs/counters.py computes the fields; counters, so they never expire)
     P:metrics:events      HASH  "{event}|{type}|{tenant}" -> count
     P:metrics:duration    HASH  "{type}|{bucket}" -> count, "{type}|sum", "{type}|count"
@@ -40,11 +44,12 @@ The job update channels (P:updates:{tenant}) and P:auth belong to the realtime h
 Three kinds of methods, by who calls them:
 - the operations both the API (`redis.Redis`) and the worker (`redis.asyncio.Redis`) call
   (`enqueue`, `claim`, `release`, `requeue`, `remove`, `beat`, `rate_limit`,
-  `spend_email_recipients`, ...) return what the client returns: a value, or an awaitable of
-  it. The `parse_*` functions next to them turn a reply into a typed result;
+  `spend_email_recipients`, `acquire_host`, `release_host`, ...) return what the client
+  returns: a value, or an awaitable of it. The `parse_*` functions next to them turn a reply
+  into a typed result;
 - reads and writes only the API's synchronous code needs (`ready_counts`, `queue_depths`,
-  `worker_beats`, `job_event_metrics`, `open_sockets`, the login throttle) want a sync client
-  and return typed results;
+  `worker_beats`, `job_event_metrics`, `open_sockets`, `open_circuits`, the login throttle)
+  want a sync client and return typed results;
 - what only a worker or the realtime path needs (`wait_for_wake`, `try_lock`, `dead_workers`,
   `cancel_requests`, `record_starts`, `record_outcomes`, the socket counts, the replay budget)
   are coroutines: they want an asyncio client.
@@ -170,6 +175,30 @@ class ReplayGrant:
     retry_ms: int
 
 
+@dataclass(frozen=True, slots=True)
+class HostPass:
+    """The destination guard's answer: go ahead (`probe` if this request tests a half-open
+    circuit), or not before `retry_at_ms` (0: when a slot frees, soon) because of `reason`:
+    `open` (circuit open), `probing` (a probe is out) or `busy` (the host's cap is reached)."""
+
+    granted: bool
+    probe: bool = False
+    reason: str = ""
+    retry_at_ms: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Circuit:
+    """A host whose circuit breaker is not closed: `open` until `until` (then the next request
+    probes), or `half_open` (a probe is out or may go)."""
+
+    host: str
+    state: str
+    until: datetime
+    failures: int
+    opened_at: datetime | None
+
+
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
@@ -186,6 +215,14 @@ def parse_rate_limit(raw: Sequence[Any]) -> RateDecision:
     """The reply of `Queue.rate_limit`."""
     allowed, retry_ms = raw
     return RateDecision(allowed=bool(int(allowed)), retry_ms=int(retry_ms))
+
+
+def parse_host_pass(raw: Sequence[Any]) -> HostPass:
+    """The reply of `Queue.acquire_host`."""
+    granted, what, *rest = raw
+    if int(granted):
+        return HostPass(granted=True, probe=_text(what) == "probe")
+    return HostPass(granted=False, reason=_text(what), retry_at_ms=int(rest[0]) if rest else 0)
 
 
 def parse_email_budget(raw: Sequence[Any]) -> RecipientBudget:
@@ -275,6 +312,16 @@ class Keys:
 
     def metrics(self, name: counters.MetricHash) -> str:
         return self.of("metrics", name)
+
+    def host_slots(self, host: str) -> str:
+        return self.of("host", host, "slots")
+
+    def host_breaker(self, host: str) -> str:
+        return self.of("host", host, "breaker")
+
+    @property
+    def circuits(self) -> str:
+        return self.of("circuits")
 
     def login_user(self, username: str) -> str:
         return self.of("login", "user", username)
@@ -387,6 +434,29 @@ class Queue:
         args = [self.prefix, tenant, limit, cost, window_ms, uuid.uuid4().hex]
         return self._script("email_recipients")(keys=[], args=args)
 
+    def acquire_host(
+        self, *, host: str, holder: str, limit: int, lease_ms: int, cooldown_ms: int
+    ) -> Any:
+        """A slot for one request to `host` unless its circuit is open or `limit` requests are
+        in flight; the slot expires after `lease_ms` if never released (`parse_host_pass`)."""
+        args = [self.prefix, host, holder, limit, lease_ms, cooldown_ms]
+        return self._script("host_acquire")(keys=[], args=args)
+
+    def release_host(
+        self,
+        *,
+        host: str,
+        holder: str,
+        verdict: str,
+        failures_to_open: int,
+        cooldown_ms: int,
+        keep_ms: int,
+    ) -> Any:
+        """Give back `holder`'s slot and count the request (`ok`, `failed` or `none`) in the
+        host's circuit breaker; returns the circuit's state (`closed`, `open`, `half_open`)."""
+        args = [self.prefix, host, holder, verdict, failures_to_open, cooldown_ms, keep_ms]
+        return self._script("host_release")(keys=[], args=args)
+
     def publish_cancel(self, job_id: str) -> Any:
         return self.client.publish(self.keys.cancel, job_id)
 
@@ -485,6 +555,10 @@ class Queue:
         attempts (one pipelined round trip)."""
         await self._add(counters.outcome_increments(jobs, now))
 
+    async def record_holds(self, jobs: Sequence[Job]) -> None:
+        """Count attempts held back by destination protection (one pipelined round trip)."""
+        await self._add(counters.hold_increments(jobs))
+
     async def _add(self, increments: counters.Increments) -> None:
         if not increments:
             return
@@ -545,6 +619,39 @@ class Queue:
     def open_sockets(self) -> int:
         """Open WebSockets over every live API process."""
         return int(self._script("ws_count")(keys=[], args=[self.prefix, "total"]))
+
+    def open_circuits(self) -> list[Circuit]:
+        """Hosts whose circuit breaker is open or half-open, soonest to retry first (two round
+        trips; a host whose breaker state expired is dropped from the list)."""
+        hosts = [
+            (_text(host), score)
+            for host, score in self.client.zrange(self.keys.circuits, 0, -1, withscores=True)
+        ]
+        if not hosts:
+            return []
+        pipe = self.client.pipeline(transaction=False)
+        for host, _ in hosts:
+            pipe.hgetall(self.keys.host_breaker(host))
+        found: list[Circuit] = []
+        gone: list[str] = []
+        for (host, score), raw in zip(hosts, pipe.execute(), strict=True):
+            state = {_text(k): _text(v) for k, v in raw.items()}
+            if state.get("state") not in ("open", "half_open"):
+                gone.append(host)
+                continue
+            opened = int(state.get("opened_at") or 0)
+            found.append(
+                Circuit(
+                    host=host,
+                    state=state["state"],
+                    until=datetime.fromtimestamp(int(state.get("until") or score) / 1000, UTC),
+                    failures=int(state.get("failures") or 0),
+                    opened_at=datetime.fromtimestamp(opened / 1000, UTC) if opened else None,
+                )
+            )
+        if gone:
+            self.client.zrem(self.keys.circuits, *gone)
+        return found
 
     # --- login throttle (sync client) ---------------------------------------------------------
     def login_failures(self, *, username: str, address: str | None) -> int:

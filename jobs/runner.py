@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 
 from pydantic import ValidationError
 
-from jobs.handlers import JobContext, PermanentError, get_handler
+from jobs.handlers import HeldBack, JobContext, PermanentError, get_handler
 from jobs.lifecycle import Outcome
 from jobs.models import Job
 from jobs.signing import secret_cache
@@ -114,6 +114,8 @@ async def run_attempt(job: Job, progress: ProgressReporter) -> Outcome:
         json.dumps(result)
     except TimeoutError:
         return Outcome(error=f"timed out after {timeout:g}s")
+    except HeldBack as exc:
+        return Outcome.held(exc.until, exc.reason)
     except PermanentError as exc:
         return Outcome(error=str(exc) or type(exc).__name__, permanent=True)
     except Exception as exc:

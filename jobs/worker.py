@@ -33,7 +33,7 @@ from jobs import pg
 from jobs.lifecycle import Outcome, RetryPolicy, WorkerTransitions
 from jobs.models import Job
 from jobs.outcomes import OutcomeWriter, with_db_retries
-from jobs.queue import Queue, entry_for, parse_claim
+from jobs.queue import Queue, close_async_queue, entry_for, parse_claim
 from jobs.runner import ProgressReporter, run_attempt
 from jobs.store import JobStore
 from jobs.upkeep import Upkeep
@@ -227,6 +227,8 @@ class Worker:
         self.jobs.close()
         await pg.close_pools()
         await self.redis.aclose()
+        # The loop's shared client, if a handler used it (webhooks' destination protection).
+        await close_async_queue()
 
     # --- the claim loop -----------------------------------------------------------------------
     async def _fetch_and_process_jobs(self) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from jobs.handlers import data_processing, email, sleep, webhook
 from jobs.handlers.registry import (
     HandlerSpec,
+    HeldBack,
     JobContext,
     PermanentError,
     get_handler,
@@ -21,6 +22,7 @@ from jobs.handlers.registry import (
 
 __all__ = [
     "HandlerSpec",
+    "HeldBack",
     "JobContext",
     "PermanentError",
     "data_processing",

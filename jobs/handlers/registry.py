@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -12,6 +13,17 @@ from pydantic import BaseModel, ValidationError
 
 class PermanentError(Exception):
     """Raised by a handler for a failure that retrying cannot fix (the job fails at once)."""
+
+
+class HeldBack(Exception):
+    """Raised by a handler that did not make its attempt because its destination must be
+    spared (jobs/destinations.py): the job waits until `until`, PENDING, the attempt not
+    spent, with `reason` in its error ("held: <reason>")."""
+
+    def __init__(self, until: datetime, reason: str) -> None:
+        super().__init__(reason)
+        self.until = until
+        self.reason = reason
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +107,7 @@ def validate_payload(job_type: str, payload: Any) -> BaseModel:
 
 __all__ = [
     "HandlerSpec",
+    "HeldBack",
     "JobContext",
     "PermanentError",
     "ValidationError",

@@ -8,6 +8,10 @@ check is made on the address actually connected to, DNS rebinding and odd IP spe
 Every request (each redirect hop too) carries the Standard Webhooks headers (`jobs/signing.py`):
 `webhook-id` is `msg_<job id>` on every attempt, `webhook-signature` holds one signature per
 live secret of the tenant, which the worker puts in `ctx.signing_secrets`.
+
+Every request first takes a slot at its destination host (jobs/destinations.py: a concurrency
+cap and a circuit breaker per host, over all workers); a host that must be spared holds the job
+back (`HeldBack`) without an attempt spent.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from pydantic import (
     model_validator,
 )
 
-from jobs import netguard, signing
+from jobs import destinations, netguard, signing
 from jobs.handlers.registry import JobContext, PermanentError, register
 
 USER_AGENT = "jobqueue-webhook/1"
@@ -356,24 +360,32 @@ async def call_webhook(payload: WebhookPayload, ctx: JobContext) -> dict[str, in
     """
     allow = netguard.parse_allow_list(settings.JOBS.get("WEBHOOK_ALLOWED_HOSTS") or [])
     timeout_s = payload.timeout_ms / 1000
-    started = time.perf_counter()
-    try:
-        # One deadline for the whole exchange, redirects included; httpx's own timeouts only
-        # bound each phase.
-        async with asyncio.timeout(timeout_s):
-            async with httpx.AsyncClient(
-                transport=guarded_transport(allow),
-                follow_redirects=False,
-                trust_env=False,
-                timeout=httpx.Timeout(timeout_s),
-            ) as client:
-                status, body = await _exchange(client, payload, ctx)
-    except (TimeoutError, httpx.TimeoutException) as exc:
-        raise WebhookError(f"webhook timed out after {payload.timeout_ms} ms") from exc
-    except (httpx.UnsupportedProtocol, httpx.LocalProtocolError, httpx.InvalidURL) as exc:
-        raise PermanentError(f"webhook request invalid: {exc}") from exc
-    except httpx.HTTPError as exc:
-        raise WebhookError(f"webhook request failed: {str(exc) or type(exc).__name__}") from exc
+    # The URL's host bears the request (redirects included): its concurrency cap and circuit
+    # breaker may hold the job back (HeldBack) before anything is sent.
+    host = destinations.host_of(httpx.URL(payload.url))
+    async with destinations.request_slot(host, timeout_ms=payload.timeout_ms) as slot:
+        started = time.perf_counter()
+        try:
+            # One deadline for the whole exchange, redirects included; httpx's own timeouts
+            # only bound each phase.
+            async with asyncio.timeout(timeout_s):
+                async with httpx.AsyncClient(
+                    transport=guarded_transport(allow),
+                    follow_redirects=False,
+                    trust_env=False,
+                    timeout=httpx.Timeout(timeout_s),
+                ) as client:
+                    status, body = await _exchange(client, payload, ctx)
+        except (TimeoutError, httpx.TimeoutException) as exc:
+            slot.failed()
+            raise WebhookError(f"webhook timed out after {payload.timeout_ms} ms") from exc
+        except (httpx.UnsupportedProtocol, httpx.LocalProtocolError, httpx.InvalidURL) as exc:
+            raise PermanentError(f"webhook request invalid: {exc}") from exc
+        except httpx.HTTPError as exc:
+            slot.failed()
+            detail = str(exc) or type(exc).__name__
+            raise WebhookError(f"webhook request failed: {detail}") from exc
+        slot.answered(status)
     duration_ms = round((time.perf_counter() - started) * 1000)
     if not 200 <= status < 300:
         raise _status_error(status, body)

@@ -12,6 +12,7 @@ local workers_key = prefix .. ':workers'
 local slots_key = prefix .. ':slots'
 local slots_total_key = prefix .. ':slots:total'
 local ws_procs_key = prefix .. ':ws:procs'
+local circuits_key = prefix .. ':circuits'
 
 local function ready_key(tenant) return prefix .. ':ready:' .. tenant end
 local function processing_key_of(worker) return prefix .. ':processing:' .. worker end
@@ -19,6 +20,8 @@ local function rate_key(tenant) return prefix .. ':rate:' .. tenant end
 local function email_recipients_key(tenant) return prefix .. ':email-recipients:' .. tenant end
 local function replay_key(tenant) return prefix .. ':replay:' .. tenant end
 local function ws_proc_key(process) return prefix .. ':ws:proc:' .. process end
+local function host_slots_key(host) return prefix .. ':host:' .. host .. ':slots' end
+local function host_breaker_key(host) return prefix .. ':host:' .. host .. ':breaker' end
 
 local function now_ms()
   local t = redis.call('TIME')

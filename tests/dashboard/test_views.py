@@ -266,6 +266,32 @@ def test_workers_come_from_redis_heartbeats_with_their_running_jobs(
     assert ages["w-gone"] is None
 
 
+def test_stats_show_open_webhook_circuits(staff_client: Client, tenant: Tenant) -> None:
+    queue = sync_queue()
+    assert stats_of(staff_client)["openCircuits"] == []
+    for n in range(2):
+        queue.acquire_host(
+            host="down.example:443", holder=f"h{n}", limit=8, lease_ms=5000, cooldown_ms=60_000
+        )
+        queue.release_host(
+            host="down.example:443",
+            holder=f"h{n}",
+            verdict="failed",
+            failures_to_open=2,
+            cooldown_ms=60_000,
+            keep_ms=600_000,
+        )
+
+    [circuit] = stats_of(staff_client)["openCircuits"]
+
+    assert circuit["host"] == "down.example:443"
+    assert (circuit["state"], circuit["failures"]) == ("open", 2)
+    until = datetime.fromisoformat(circuit["until"].replace("Z", "+00:00"))
+    assert timedelta(seconds=50) < until - timezone.now() <= timedelta(seconds=61)
+    page = staff_client.get("/dashboard/")
+    assert b'id="circuits-table"' in page.content
+
+
 # --- cost ---------------------------------------------------------------------------------------
 def test_stats_take_the_same_number_of_queries_for_many_tenants_and_jobs(
     staff_client: Client, tenant: Tenant

@@ -52,6 +52,9 @@ class WebhookServer:
     requests: list[Recorded] = field(default_factory=list)
     statuses: dict[str, list[int | Reply]] = field(default_factory=dict)
     connections: int = 0
+    # Requests being answered right now, and the most there ever were at once.
+    in_flight: int = 0
+    max_in_flight: int = 0
     client_hung_up: threading.Event = field(default_factory=threading.Event)
     closing: threading.Event = field(default_factory=threading.Event)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -90,7 +93,15 @@ def _handler(server: WebhookServer) -> type[BaseHTTPRequestHandler]:
             headers = {name.lower(): value for name, value in self.headers.items()}
             with server.lock:
                 server.requests.append(Recorded(self.command, self.path, headers, body))
-            reply = server.next_reply(self.path)
+                server.in_flight += 1
+                server.max_in_flight = max(server.max_in_flight, server.in_flight)
+            try:
+                self._answer(server.next_reply(self.path))
+            finally:
+                with server.lock:
+                    server.in_flight -= 1
+
+        def _answer(self, reply: Reply) -> None:
             if reply.delay_s:
                 server.closing.wait(reply.delay_s)
             if reply.endless:
@@ -132,10 +143,10 @@ def _handler(server: WebhookServer) -> type[BaseHTTPRequestHandler]:
 
 
 @contextmanager
-def webhook_server(host: str = "127.0.0.1") -> Iterator[WebhookServer]:
-    """Serve on a free port of `host` in a background thread for the duration of the block
-    (raises OSError if `host` cannot be bound here)."""
-    state = WebhookServer(host=host, port=0)
+def webhook_server(host: str = "127.0.0.1", port: int = 0) -> Iterator[WebhookServer]:
+    """Serve on `port` (0: a free one) of `host` in a background thread for the duration of
+    the block (raises OSError if it cannot be bound here)."""
+    state = WebhookServer(host=host, port=port)
 
     class Server(ThreadingHTTPServer):
         address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -147,7 +158,7 @@ def webhook_server(host: str = "127.0.0.1") -> Iterator[WebhookServer]:
                 state.connections += 1
             return True
 
-    httpd = Server((host, 0), _handler(state))
+    httpd = Server((host, port), _handler(state))
     state.port = httpd.server_address[1]
     thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05})
     thread.daemon = True

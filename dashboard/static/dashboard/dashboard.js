@@ -98,6 +98,23 @@
     body.replaceChildren(...rows);
   }
 
+  function renderCircuits(s) {
+    const body = byId("circuits-table").tBodies[0];
+    const when = (iso) => (iso ? new Date(iso).toLocaleTimeString() : "—");
+    const rows = (s.openCircuits || []).map((c) =>
+      el("tr", { "data-host": c.host },
+        el("td", {}, el("code", {}, c.host)),
+        el("td", {}, el("span", { class: "badge stale" }, c.state === "open" ? "open" : "half-open")),
+        el("td", {}, when(c.openedAt)),
+        el("td", {}, c.state === "open" ? when(c.until) : "probing"),
+        el("td", { class: "num" }, number(c.failures))));
+    if (!rows.length) {
+      rows.push(el("tr", {}, el("td", { colspan: 5, class: "muted" },
+        "No open circuit: every webhook host takes requests.")));
+    }
+    body.replaceChildren(...rows);
+  }
+
   function niceMax(value) {
     const exponent = 10 ** Math.floor(Math.log10(Math.max(1, value)));
     for (const step of [1, 2, 5, 10]) {
@@ -151,6 +168,7 @@
     renderCounts(s);
     renderTenants(s);
     renderWorkers(s);
+    renderCircuits(s);
     renderChart(s.throughput);
     const time = byId("stats-time");
     time.textContent = clock(s.serverTime);
