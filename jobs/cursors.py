@@ -32,12 +32,16 @@ MAX = 2**63 - 1
 # How long `watermark` waits for running transactions before giving up (it then returns None).
 WAIT_S = 2.0
 _POLL_S = 0.002
+# The transactions of this database only: the server's other databases (other services, test
+# databases) take no cursor, and waiting for them would stall every watermark.
 _XID_LOCKS = (
-    "SELECT array_agg(transactionid::text) FROM pg_locks "
-    "WHERE locktype = 'transactionid' AND mode = 'ExclusiveLock' AND granted"
+    "SELECT array_agg(l.transactionid::text) FROM pg_locks AS l "
+    "JOIN pg_stat_activity AS a ON a.pid = l.pid "
+    "WHERE l.locktype = 'transactionid' AND l.mode = 'ExclusiveLock' AND l.granted "
+    "AND a.datname = current_database()"
 )
-_RUNNING_XIDS = f"{_XID_LOCKS} AND pid <> pg_backend_pid()"
-_STILL_RUNNING = f"{_XID_LOCKS} AND transactionid::text = ANY(%s)"
+_RUNNING_XIDS = f"{_XID_LOCKS} AND l.pid <> pg_backend_pid()"
+_STILL_RUNNING = f"{_XID_LOCKS} AND l.transactionid::text = ANY(%s)"
 
 _SQLITE_TRIGGERS = [
     f"""

@@ -3,13 +3,11 @@ the database's triggers (jobs/counts.py, migration 0003_job_counts) instead of c
 
 from __future__ import annotations
 
-import asyncio
 import io
 import logging
-from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import psycopg
 import pytest
@@ -35,6 +33,7 @@ from jobs.store import (
     write_fenced,
     write_outcomes,
 )
+from tests.support.event_loop import run_async
 
 ROOT = Path(__file__).resolve().parents[2]
 POLICY = RetryPolicy(base_ms=1000, max_ms=1000)
@@ -48,19 +47,6 @@ def planned(items: list[tuple[Job, Outcome]]) -> list[tuple[Job, dict]]:
 
 SLEEP = JobSpec(type="sleep", payload={"delayMs": 0})
 EMAIL = JobSpec(type="email", payload={"to": "a@example.com", "subject": "s", "body": "b"})
-T = TypeVar("T")
-
-
-def run_async(make: Callable[[], Awaitable[T]]) -> T:
-    """Run one of the store's coroutines on its own loop, closing the loop's pool after it."""
-
-    async def main() -> T:
-        try:
-            return await make()
-        finally:
-            await pg.close_pools()
-
-    return asyncio.run(main())
 
 
 def assert_counts_exact() -> None:

@@ -4,37 +4,25 @@ SQLite takes), and the lease that fences every write of an attempt."""
 
 from __future__ import annotations
 
-import asyncio
 import uuid
-from collections.abc import Awaitable, Callable
 from datetime import timedelta
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 from django.conf import settings
 from django.forms.models import model_to_dict
 from django.utils import timezone
 
-from jobs import pg, store
+from jobs import store
 from jobs.lifecycle import Outcome, RetryPolicy
 from jobs.models import Job, JobStatus, Tenant
+from tests.support.event_loop import run_async
 from tests.support.jobs import make_job
 
 POLICY = RetryPolicy(base_ms=1000, max_ms=1000)
 # Columns that differ between two jobs written the same way.
 OWN = {"id", "lease_token", "locked_by"}
 SHARED_TIME = timezone.now() - timedelta(seconds=1)
-T = TypeVar("T")
-
-
-def run_async(make: Callable[[], Awaitable[T]]) -> T:
-    async def main() -> T:
-        try:
-            return await make()
-        finally:
-            await pg.close_pools()
-
-    return asyncio.run(main())
 
 
 def row(job: Job) -> dict[str, Any]:

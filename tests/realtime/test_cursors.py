@@ -5,7 +5,9 @@ skipped. In process, on the real PostgreSQL and Redis."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
+from collections.abc import AsyncIterator
 from typing import Any
 
 import psycopg
@@ -176,6 +178,23 @@ def _hold_a_cursor_uncommitted(
         conn.commit()
 
 
+@contextlib.asynccontextmanager
+async def uncommitted_change(job: Job) -> AsyncIterator[threading.Event]:
+    """A change of `job` (a cursor taken) in a transaction left open until the yielded event is
+    set, or the block ends."""
+    holding, release = threading.Event(), threading.Event()
+    holder = threading.Thread(
+        target=_hold_a_cursor_uncommitted, args=(str(job.id), holding, release)
+    )
+    holder.start()
+    try:
+        assert await asyncio.to_thread(holding.wait, 10)
+        yield release
+    finally:
+        release.set()
+        await asyncio.to_thread(holder.join, 10)
+
+
 async def test_a_change_committed_late_is_waited_for_not_skipped(
     api_key: str, tenant: Tenant
 ) -> None:
@@ -183,13 +202,7 @@ async def test_a_change_committed_late_is_waited_for_not_skipped(
     only given once every transaction that could still commit a smaller cursor has ended."""
     slow = await database_sync_to_async(enqueue)(tenant)
     mark = await database_sync_to_async(stored_cursor)(slow)
-    holding, release = threading.Event(), threading.Event()
-    holder = threading.Thread(
-        target=_hold_a_cursor_uncommitted, args=(str(slow.id), holding, release)
-    )
-    holder.start()
-    try:
-        assert await asyncio.to_thread(holding.wait, 10)
+    async with uncommitted_change(slow) as release:
         # A later change commits first, with a greater cursor.
         fast = await database_sync_to_async(enqueue)(tenant)
         asyncio.get_running_loop().call_later(0.5, release.set)
@@ -197,9 +210,6 @@ async def test_a_change_committed_late_is_waited_for_not_skipped(
         async with open_ws(token=api_key) as comm:
             frames, subscribed = await subscribe_from(comm, mark)
         waited = asyncio.get_running_loop().time() - started
-    finally:
-        release.set()
-        await asyncio.to_thread(holder.join, 10)
     assert waited >= 0.4, "the replay did not wait for the running transaction"
     assert {(f["jobId"], f["status"]) for f in frames} == {
         (str(slow.id), JobStatus.CANCELLED),
@@ -214,19 +224,10 @@ async def test_when_a_transaction_outlives_the_wait_the_resume_cursor_does_not_a
     monkeypatch.setattr(cursors, "WAIT_S", 0.2)
     slow = await database_sync_to_async(enqueue)(tenant)
     mark = await database_sync_to_async(stored_cursor)(slow)
-    holding, release = threading.Event(), threading.Event()
-    holder = threading.Thread(
-        target=_hold_a_cursor_uncommitted, args=(str(slow.id), holding, release)
-    )
-    holder.start()
-    try:
-        assert await asyncio.to_thread(holding.wait, 10)
+    async with uncommitted_change(slow):
         await database_sync_to_async(enqueue)(tenant)
         async with open_ws(token=api_key) as comm:
             _, subscribed = await subscribe_from(comm, mark)
-    finally:
-        release.set()
-        await asyncio.to_thread(holder.join, 10)
     # Resuming from what it was given must still deliver the late commit.
     assert int(subscribed["cursor"]) == mark
     async with open_ws(token=api_key) as comm:
