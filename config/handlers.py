@@ -148,12 +148,12 @@ async def _disconnected(receive: Receive) -> None:
 def _method_not_allowed(response: HttpResponse) -> HttpResponse:
     """django-ninja answers a method a path does not take with Django's plain-text 405: say it
     in the API's JSON, keeping the `Allow` header."""
-    allow = response.get("Allow", "")
-    allowed = [method.strip() for method in allow.split(",") if method.strip()]
+    # Sorted: ninja builds the header from a set, whose order changes from process to process.
+    allowed = sorted({m.strip() for m in response.get("Allow", "").split(",") if m.strip()})
     json_response = JsonResponse(
         {"error": "Method not allowed", "details": {"allowed": allowed}}, status=405
     )
-    json_response["Allow"] = allow
+    json_response["Allow"] = ", ".join(allowed)
     return json_response
 
 

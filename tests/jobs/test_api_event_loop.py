@@ -242,7 +242,7 @@ async def test_database_unreachable_is_503(api: httpx.AsyncClient, settings: Any
 @pytest.mark.parametrize(
     ("method", "path", "allowed"),
     [
-        ("PUT", "/jobs", ["POST", "GET"]),
+        ("PUT", "/jobs", ["GET", "POST"]),
         ("DELETE", f"/jobs/{uuid.uuid4()}", ["GET"]),
         ("GET", "/jobs/batch", ["POST"]),
         ("POST", "/health", ["GET"]),
