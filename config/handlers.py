@@ -43,7 +43,15 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 # Paths the lean handler serves: the REST API's (django-ninja) operations and its event stream
 # (realtime/sse.py). /docs and /openapi.json stay with Django's handler (they need static files
 # and are not hot).
-API_PATH_PREFIXES = ("/jobs", "/stats", "/health", "/ready", "/metrics", "/events")
+API_PATH_PREFIXES = (
+    "/jobs",
+    "/stats",
+    "/health",
+    "/ready",
+    "/metrics",
+    "/events",
+    "/event-subscriptions",
+)
 API_URLCONF = "config.api_urls"
 PROBE_PATHS = frozenset({"/health", "/ready"})
 

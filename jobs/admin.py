@@ -29,7 +29,7 @@ from django.utils.http import urlencode
 from django.utils.safestring import SafeString
 
 from jobs.errors import ApiError
-from jobs.models import ApiKey, Job, JobStatus, SigningSecret, Tenant
+from jobs.models import ApiKey, EventSubscription, Job, JobStatus, SigningSecret, Tenant
 from jobs.selectors import tenant_queue_depths
 from jobs.services import (
     api_key_create,
@@ -479,3 +479,71 @@ class ApiKeyAdmin(admin.ModelAdmin):
         if already:
             text += f", {already} already revoked"
         self.message_user(request, text + ".", messages.SUCCESS if prefixes else messages.WARNING)
+
+
+# --- event subscriptions ------------------------------------------------------------------------
+DELIVERIES_SHOWN = 50
+
+
+@admin.register(EventSubscription)
+class EventSubscriptionAdmin(admin.ModelAdmin):
+    """Tenants' event subscriptions and their latest delivery attempts, read-only (tenants make
+    and delete them through the API)."""
+
+    list_display = ("id", "tenant", "url", "events_list", "description", "created_at", "cursor")
+    list_filter = ("tenant",)
+    search_fields = ("=id", "=tenant__id", "url")
+    list_select_related = ("tenant",)
+    ordering = ("-created_at", "-id")
+    fields = (
+        "id",
+        "tenant",
+        "url",
+        "events",
+        "description",
+        "created_at",
+        "cursor",
+        "recent_deliveries",
+    )
+    readonly_fields = fields
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(
+        self, request: HttpRequest, obj: EventSubscription | None = None
+    ) -> bool:
+        return False
+
+    @admin.display(description="events")
+    def events_list(self, obj: EventSubscription) -> str:
+        return ", ".join(obj.events)
+
+    @admin.display(description=f"latest {DELIVERIES_SHOWN} delivery attempts")
+    def recent_deliveries(self, obj: EventSubscription) -> SafeString:
+        rows = obj.deliveries.order_by("-created_at", "-id")[:DELIVERIES_SHOWN]
+        body = format_html_join(
+            "",
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td>"
+            "</tr>",
+            (
+                (
+                    _when(row.created_at),
+                    row.event_type,
+                    row.event_id,
+                    row.attempt,
+                    "" if row.status_code is None else row.status_code,
+                    "" if row.duration_ms is None else f"{row.duration_ms} ms",
+                    row.error or "",
+                )
+                for row in rows
+            ),
+        )
+        if not body:
+            return format_html("<p>{}</p>", "No delivery yet.")
+        return format_html(
+            "<table><thead><tr><th>time</th><th>event</th><th>event id</th><th>attempt</th>"
+            "<th>status</th><th>duration</th><th>error</th></tr></thead><tbody>{}</tbody>"
+            "</table>",
+            body,
+        )

@@ -18,6 +18,10 @@ from jobs.orm import orm
 from jobs.schemas import (
     BatchCreatedOut,
     ErrorOut,
+    EventDeliveryListOut,
+    EventSubscriptionIn,
+    EventSubscriptionListOut,
+    EventSubscriptionOut,
     JobBatchIn,
     JobCreatedOut,
     JobFilter,
@@ -176,3 +180,95 @@ async def rotate_signing_secret(request: HttpRequest) -> Status[dict]:
     """A new webhook signing secret, shown once; the previous ones keep signing alongside it
     for JOBS_WEBHOOK_SECRET_OVERLAP_S (24 hours by default)."""
     return Status(201, await orm(_rotate)(tenant=request.auth))
+
+
+# --- event subscriptions ------------------------------------------------------------------------
+DELIVERIES_SHOWN = 100
+
+
+def _subscription_data(subscription: Any) -> dict:
+    return {
+        "id": subscription.id,
+        "url": subscription.url,
+        "events": subscription.events,
+        "description": subscription.description,
+        "created_at": subscription.created_at,
+    }
+
+
+def _create_subscription(*, tenant: Tenant, data: EventSubscriptionIn) -> dict:
+    subscription = services.event_subscription_create(
+        tenant=tenant,
+        url=data.url,
+        events=data.events,
+        description=data.description,
+        rate_limited=True,
+    )
+    return _subscription_data(subscription)
+
+
+@router.post(
+    "/event-subscriptions",
+    response={201: EventSubscriptionOut, 409: ErrorOut, **ERRORS},
+    tags=["webhooks"],
+)
+async def create_event_subscription(request: HttpRequest, data: EventSubscriptionIn) -> Status:
+    """Subscribe to the tenant's job events from now on: each matching change is POSTed to
+    `url`, signed, retried for up to 24 hours, in order per job (at most 20 subscriptions)."""
+    return Status(201, await orm(_create_subscription)(tenant=request.auth, data=data))
+
+
+def _list_subscriptions(*, tenant: Tenant) -> dict:
+    subscriptions = selectors.event_subscription_list(tenant=tenant)
+    return {"subscriptions": [_subscription_data(s) for s in subscriptions]}
+
+
+@router.get(
+    "/event-subscriptions", response={200: EventSubscriptionListOut, **ERRORS}, tags=["webhooks"]
+)
+async def list_event_subscriptions(request: HttpRequest) -> dict:
+    """The tenant's event subscriptions, newest first."""
+    return await orm(_list_subscriptions)(tenant=request.auth)
+
+
+@router.delete(
+    "/event-subscriptions/{subscription_id}",
+    response={204: None, 404: ErrorOut, **ERRORS},
+    tags=["webhooks"],
+)
+async def delete_event_subscription(request: HttpRequest, subscription_id: UUID) -> Status:
+    """Delete a subscription and its delivery log; its pending deliveries are not sent."""
+    delete = orm(services.event_subscription_delete)
+    await delete(tenant=request.auth, subscription_id=subscription_id, rate_limited=True)
+    return Status(204, None)
+
+
+def _deliveries(*, tenant: Tenant, subscription_id: UUID) -> dict:
+    rows = selectors.event_delivery_list(
+        tenant=tenant, subscription_id=subscription_id, limit=DELIVERIES_SHOWN
+    )
+    return {
+        "deliveries": [
+            {
+                "event": row.event_type,
+                "event_id": row.event_id,
+                "job_id": row.job_id,
+                "attempt": row.attempt,
+                "status_code": row.status_code,
+                "duration_ms": row.duration_ms,
+                "error": row.error,
+                "created_at": row.created_at,
+            }
+            for row in rows
+        ]
+    }
+
+
+@router.get(
+    "/event-subscriptions/{subscription_id}/deliveries",
+    response={200: EventDeliveryListOut, 404: ErrorOut, **ERRORS},
+    tags=["webhooks"],
+)
+async def list_event_deliveries(request: HttpRequest, subscription_id: UUID) -> dict:
+    """The subscription's latest 100 delivery attempts, newest first."""
+    return await orm(_deliveries)(tenant=request.auth, subscription_id=subscription_id)

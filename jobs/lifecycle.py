@@ -72,8 +72,17 @@ class RetryPolicy:
     def from_settings(cls) -> RetryPolicy:
         return cls(base_ms=settings.JOBS["RETRY_BASE_MS"], max_ms=settings.JOBS["RETRY_MAX_MS"])
 
-    def backoff(self, attempt: int) -> timedelta:
-        """Uniform in [0, min(max, base * 2**(attempt-1))]."""
+    def backoff(self, attempt: int, job_type: str | None = None) -> timedelta:
+        """Uniform in [0, min(max, base * 2**(attempt-1))]; for a type registered with a
+        schedule of its own (`retry_delays_s`), 90 to 100% of its entry for `attempt`."""
+        # Imported here: the handlers' modules import the services, which import this one.
+        from jobs.handlers.registry import get_handler
+
+        spec = get_handler(job_type) if job_type else None
+        if spec is not None and spec.retry_delays_s:
+            delays = spec.retry_delays_s
+            wait_s = delays[min(max(attempt, 1), len(delays)) - 1]
+            return timedelta(seconds=wait_s * random.uniform(0.9, 1.0))
         ceiling = min(self.max_ms, self.base_ms * (2 ** max(0, min(attempt - 1, 40))))
         return timedelta(milliseconds=random.uniform(0, ceiling))
 
@@ -109,7 +118,7 @@ class RetryPolicy:
                 status=JobStatus.PENDING,
                 result=None,
                 error=outcome.error,
-                run_at=now + self.backoff(job.attempts),
+                run_at=now + self.backoff(job.attempts, job.type),
             )
         return fields
 

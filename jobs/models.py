@@ -157,3 +157,54 @@ class Job(models.Model):
 
     def __str__(self) -> str:
         return f"{self.type} {self.id} ({self.status})"
+
+
+class EventSubscription(models.Model):
+    """A tenant's order to be told of its jobs' changes: the service POSTs each matching change
+    to `url` as an `event_delivery` job (jobs/events_dispatch.py). `cursor` is how far the
+    dispatcher has read the tenant's changes (jobs/cursors.py); it starts at the watermark of
+    the subscription's creation, so only later changes are sent."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="event_subscriptions")
+    url = models.CharField(max_length=2048)
+    events = models.JSONField(default=list)
+    description = models.CharField(max_length=500, blank=True, default="")
+    created_at = models.DateTimeField()
+    cursor = models.BigIntegerField(default=0)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        indexes = [models.Index(fields=["tenant", "created_at"], name="event_sub_tenant_created")]
+
+    def __str__(self) -> str:
+        return f"event subscription {self.id} ({self.tenant_id})"
+
+
+class EventDelivery(models.Model):
+    """One attempt to deliver one event to a subscription's URL: the delivery log (the newest
+    `events_dispatch.LOG_KEEP` per subscription are kept)."""
+
+    subscription = models.ForeignKey(
+        EventSubscription, on_delete=models.CASCADE, related_name="deliveries"
+    )
+    job_id = models.UUIDField()
+    event_type = models.CharField(max_length=32)
+    event_id = models.CharField(max_length=100)
+    attempt = models.PositiveIntegerField()
+    status_code = models.PositiveSmallIntegerField(null=True, blank=True)
+    duration_ms = models.PositiveIntegerField(null=True, blank=True)
+    error = models.TextField(null=True, blank=True)
+    created_at = models.DateTimeField()
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        verbose_name_plural = "event deliveries"
+        indexes = [
+            models.Index(
+                fields=["subscription", "-created_at", "-id"], name="event_delivery_sub_newest"
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.event_type} {self.event_id} attempt {self.attempt}"

@@ -21,6 +21,7 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
+from jobs.handlers.webhook import check_url
 from jobs.models import PRIORITY_MAX, PRIORITY_MIN, TENANT_ID_PATTERN
 
 MAX_DELAY_MS = 365 * 24 * 3600 * 1000
@@ -201,6 +202,59 @@ class SigningSecretRotatedOut(CamelSchema):
     previous_expires_at: datetime | None = Field(
         description="When the last previous secret stops signing (null: there was none)."
     )
+
+
+EventName = Literal[
+    "job.created",
+    "job.started",
+    "job.completed",
+    "job.failed",
+    "job.cancelled",
+    "job.retrying",
+    "job.*",
+]
+
+
+class EventSubscriptionIn(CamelIn):
+    """A subscription to the tenant's job events, delivered as signed POSTs to `url`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: Annotated[str, StringConstraints(min_length=1, max_length=2048)]
+    events: list[EventName] = Field(min_length=1, max_length=7)
+    description: Annotated[str, StringConstraints(max_length=500)] = ""
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        return check_url(value)
+
+
+class EventSubscriptionOut(CamelSchema):
+    id: UUID
+    url: str
+    events: list[str]
+    description: str
+    created_at: datetime
+
+
+class EventSubscriptionListOut(CamelSchema):
+    subscriptions: list[EventSubscriptionOut]
+
+
+class EventDeliveryOut(CamelSchema):
+    event: str = Field(description="The event type, e.g. `job.completed`.")
+    event_id: str = Field(description="The event's id, its requests' `webhook-id`.")
+    job_id: UUID
+    attempt: int
+    status_code: int | None = Field(description="The HTTP status answered (null: no answer).")
+    duration_ms: int | None
+    error: str | None
+    created_at: datetime
+
+
+class EventDeliveryListOut(CamelSchema):
+    deliveries: list[EventDeliveryOut]
 
 
 class HealthOut(CamelSchema):

@@ -11,9 +11,9 @@ from datetime import datetime, timedelta
 from django.db.models import Count, Q, QuerySet
 from django.utils import timezone
 
-from jobs import api_store
+from jobs import api_store, events
 from jobs.errors import NotFound
-from jobs.models import Job, JobStatus, SigningSecret, Tenant
+from jobs.models import EventDelivery, EventSubscription, Job, JobStatus, SigningSecret, Tenant
 from jobs.orm import orm
 from jobs.queue import sync_queue
 
@@ -131,3 +131,52 @@ def signing_secrets_live(
         Q(expires_at__isnull=True) | Q(expires_at__gt=now)
     )
     return list(rows.order_by("-created_at", "-id").values_list("secret", "expires_at"))
+
+
+# --- event subscriptions ------------------------------------------------------------------------
+def event_subscription_list(*, tenant: Tenant) -> list[EventSubscription]:
+    """The tenant's event subscriptions, newest first."""
+    return list(EventSubscription.objects.filter(tenant=tenant).order_by("-created_at", "-id"))
+
+
+def event_subscription_get(*, tenant: Tenant, subscription_id: uuid.UUID) -> EventSubscription:
+    """One event subscription of the tenant; another tenant's is indistinguishable from a
+    missing one (404)."""
+    subscription = EventSubscription.objects.filter(tenant=tenant, id=subscription_id).first()
+    if subscription is None:
+        raise NotFound()
+    return subscription
+
+
+def event_subscription_find(*, subscription_id: uuid.UUID) -> EventSubscription | None:
+    """A subscription by id, for its own deliveries (the worker's; None once deleted)."""
+    return EventSubscription.objects.filter(id=subscription_id).first()
+
+
+def event_delivery_list(
+    *, tenant: Tenant, subscription_id: uuid.UUID, limit: int
+) -> list[EventDelivery]:
+    """The latest delivery attempts of one of the tenant's subscriptions, newest first."""
+    subscription = event_subscription_get(tenant=tenant, subscription_id=subscription_id)
+    return list(subscription.deliveries.order_by("-created_at", "-id")[:limit])
+
+
+def event_delivery_earlier_run_at(
+    *, tenant_id: str, subscription_id: uuid.UUID, job_id: str, cursor: int
+) -> datetime | None:
+    """When the earliest unfinished delivery of an earlier event of the same job to the same
+    subscription may run, or None if there is none: a range of the idempotency key index."""
+    prefix = events.delivery_key_prefix(subscription_id, job_id)
+    mine = events.delivery_key(subscription_id, job_id, cursor)
+    return (
+        Job.objects.filter(
+            tenant_id=tenant_id,
+            idempotency_key__gte=prefix,
+            idempotency_key__lt=mine,
+            status__in=(JobStatus.PENDING, JobStatus.RUNNING),
+        )
+        .filter(idempotency_key__startswith=prefix)
+        .order_by("idempotency_key")
+        .values_list("run_at", flat=True)
+        .first()
+    )

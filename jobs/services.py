@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import json
 import logging
 import re
@@ -18,15 +19,24 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+import httpx
 from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from jobs import api_store, lifecycle, signing
+from jobs import api_store, cursors, lifecycle, netguard, signing
 from jobs.email_budget import acheck_recipient_budget, check_recipient_budget
 from jobs.errors import ApiError, Conflict, NotFound
-from jobs.models import ApiKey, Job, JobStatus, SigningSecret, Tenant
+from jobs.models import (
+    ApiKey,
+    EventDelivery,
+    EventSubscription,
+    Job,
+    JobStatus,
+    SigningSecret,
+    Tenant,
+)
 from jobs.orm import orm
 from jobs.queue import sync_queue
 from jobs.ratelimit import acheck_rate_limit, check_rate_limit
@@ -374,3 +384,102 @@ def job_retry(*, tenant: Tenant, job_id: uuid.UUID, rate_limited: bool = False) 
         if rate_limited:
             check_recipient_budget(tenant=tenant, jobs=[job])
         return lifecycle.retry(job)
+
+
+# --- event subscriptions ------------------------------------------------------------------------
+MAX_EVENT_SUBSCRIPTIONS = 20
+
+
+def blocked_url_reason(url: str) -> str | None:
+    """Why the network policy refuses `url` already by its host, when that is an IP address
+    (a name is checked on every request, where it resolves); None if it may be tried."""
+    parsed = httpx.URL(url)
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        address = ipaddress.ip_address(netguard.normalize_host(parsed.host))
+    except ValueError:
+        return None
+    allow = netguard.parse_allow_list(settings.JOBS.get("WEBHOOK_ALLOWED_HOSTS") or [])
+    return netguard.check_address(parsed.host, address, allow, port=port)
+
+
+def event_subscription_create(
+    *,
+    tenant: Tenant,
+    url: str,
+    events: Sequence[str],
+    description: str = "",
+    rate_limited: bool = False,
+) -> EventSubscription:
+    """Subscribe the tenant to its jobs' events from now on (its position is the watermark,
+    so no earlier change is sent). At most MAX_EVENT_SUBSCRIPTIONS per tenant (409); a URL
+    whose address the network policy refuses is 400."""
+    reason = blocked_url_reason(url)
+    if reason is not None:
+        raise ApiError(
+            400,
+            "Validation failed",
+            [{"field": "url", "message": f"url is blocked: {reason}"}],
+        )
+    if rate_limited:
+        check_rate_limit(tenant=tenant, jobs=1)
+    position = cursors.watermark()
+    if position is None:
+        raise ApiError(503, "the database is busy; try again")
+    with transaction.atomic():
+        # Serialises concurrent creations of one tenant, so the cap holds.
+        Tenant.objects.select_for_update().filter(pk=tenant.pk).first()
+        if EventSubscription.objects.filter(tenant=tenant).count() >= MAX_EVENT_SUBSCRIPTIONS:
+            raise Conflict(
+                f"a tenant has at most {MAX_EVENT_SUBSCRIPTIONS} event subscriptions",
+                {"max": MAX_EVENT_SUBSCRIPTIONS},
+            )
+        return EventSubscription.objects.create(
+            tenant=tenant,
+            url=url,
+            events=list(dict.fromkeys(events)),
+            description=description,
+            created_at=timezone.now(),
+            cursor=position,
+        )
+
+
+def event_subscription_delete(
+    *, tenant: Tenant, subscription_id: uuid.UUID, rate_limited: bool = False
+) -> None:
+    """Delete one of the tenant's subscriptions and its log (404 for another's); its pending
+    deliveries then complete without a request."""
+    if rate_limited:
+        check_rate_limit(tenant=tenant, jobs=1)
+    deleted, _ = EventSubscription.objects.filter(tenant=tenant, id=subscription_id).delete()
+    if not deleted:
+        raise NotFound()
+
+
+def event_delivery_log(
+    *,
+    subscription: EventSubscription,
+    job_id: str,
+    event_type: str,
+    event_id: str,
+    attempt: int,
+    status_code: int | None,
+    duration_ms: int | None,
+    error: str | None,
+) -> None:
+    """Write one delivery attempt to the subscription's log (the worker's; nothing if the
+    subscription was deleted meanwhile)."""
+    try:
+        EventDelivery.objects.create(
+            subscription=subscription,
+            job_id=job_id,
+            event_type=event_type,
+            event_id=event_id,
+            attempt=attempt,
+            status_code=status_code,
+            duration_ms=duration_ms,
+            error=error[:2000] if error else error,
+            created_at=timezone.now(),
+        )
+    except IntegrityError:
+        logger.info("delivery not logged: subscription %s is gone", subscription.id)

@@ -1,7 +1,9 @@
 """What every worker does besides running jobs, so that the cluster heals itself: put back the
 claims and leases of workers that died, copy tenants' concurrency limits into Redis, and push
-PENDING jobs that Redis lost (flushed, restarted, a push that failed). Each task runs and fails
-on its own: one that keeps failing (a row it cannot read, say) must not stop the others."""
+PENDING jobs that Redis lost (flushed, restarted, a push that failed); and, on a loop of its
+own, dispatch the events of tenants' jobs to their subscriptions (jobs/events_dispatch.py).
+Each task runs and fails on its own: one that keeps failing (a row it cannot read, say) must
+not stop the others."""
 
 from __future__ import annotations
 
@@ -13,7 +15,9 @@ from datetime import timedelta
 
 from django.utils import timezone
 
+from jobs import events_dispatch
 from jobs.lifecycle import WorkerTransitions
+from jobs.orm import orm
 from jobs.queue import Queue, entry_for
 from jobs.store import JobStore
 
@@ -44,6 +48,10 @@ class Upkeep:
         self.reconcile_interval_s = reconcile_interval_s
 
     async def run_forever(self) -> None:
+        """The maintenance loop and the event dispatch loop, side by side."""
+        await asyncio.gather(self._maintain_forever(), self._dispatch_events_forever())
+
+    async def _maintain_forever(self) -> None:
         """Recovery and limit sync every third of a lease, reconciliation every interval."""
         every = max(0.5, self.lease_s / 3)
         last_reconcile = 0.0
@@ -54,6 +62,30 @@ class Upkeep:
                 last_reconcile = time.monotonic()
                 await self._each("reconciliation", self.reconcile)
             await asyncio.sleep(every)
+
+    async def _dispatch_events_forever(self) -> None:
+        """Event dispatch every `events_dispatch.INTERVAL_S`, its log trimming now and then."""
+        while True:
+            await self._each("event dispatch", self.dispatch_events)
+            await self._each("delivery log trim", self.trim_delivery_logs)
+            await asyncio.sleep(events_dispatch.INTERVAL_S)
+
+    async def dispatch_events(self) -> int:
+        """One dispatch pass if no other worker is making one (a Redis lock that expires just
+        before the next pass); how many deliveries it created."""
+        ttl_s = events_dispatch.INTERVAL_S * 0.9
+        if not await self.queue.try_lock(events_dispatch.LOCK, owner=self.name, ttl_s=ttl_s):
+            return 0
+        # Off the process's sync thread: waiting for the watermark must not delay other ORM work.
+        created = await orm(events_dispatch.dispatch, thread_sensitive=False)()
+        return len(created)
+
+    async def trim_delivery_logs(self) -> int:
+        """Trim the subscriptions' delivery logs, once per `TRIM_EVERY_S` over all workers."""
+        lock, every_s = events_dispatch.TRIM_LOCK, events_dispatch.TRIM_EVERY_S
+        if not await self.queue.try_lock(lock, owner=self.name, ttl_s=every_s):
+            return 0
+        return await orm(events_dispatch.trim_logs, thread_sensitive=False)()
 
     async def _each(self, task: str, run: Callable[[], Awaitable[object]]) -> None:
         try:

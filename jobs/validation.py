@@ -11,6 +11,7 @@ from django.utils import timezone
 from pydantic import ValidationError
 
 from jobs.errors import ApiError
+from jobs.events import EVENT_DELIVERY
 from jobs.handlers import registered_types, validate_payload
 from jobs.handlers.email import EmailPayload, allowed_sender
 from jobs.models import Tenant
@@ -51,6 +52,15 @@ def error_details(errors: list[dict[str, Any]], *, prefix: tuple[Any, ...] = ())
     return details
 
 
+# Types the service creates itself, which tenants may not create.
+INTERNAL_TYPES = frozenset({EVENT_DELIVERY})
+
+
+def creatable_types() -> list[str]:
+    """The job types a tenant may create, sorted."""
+    return [name for name in registered_types() if name not in INTERNAL_TYPES]
+
+
 def check_tenant(tenant: Tenant, tenant_id: str | None) -> None:
     """A tenantId in a request is optional, but must be the key's tenant."""
     if tenant_id is not None and tenant_id != tenant.id:
@@ -67,14 +77,14 @@ def check_email_sender(payload: EmailPayload, *, loc: tuple[Any, ...] = ()) -> N
 
 def job_spec(job: JobIn, *, loc: tuple[Any, ...] = ()) -> JobSpec:
     """Validate the type and payload of one job and turn it into a service-level spec."""
-    if job.type not in registered_types():
+    if job.type not in creatable_types():
         raise ApiError(
             400,
             VALIDATION_FAILED,
             [
                 {
                     "field": ".".join(str(p) for p in (*loc, "type")),
-                    "message": f"unknown job type; one of {', '.join(registered_types())}",
+                    "message": f"unknown job type; one of {', '.join(creatable_types())}",
                 }
             ],
         )

@@ -8,7 +8,7 @@ and importing it below; the worker loop knows nothing about any particular type.
 from __future__ import annotations
 
 # Importing the modules registers their handlers.
-from jobs.handlers import data_processing, email, sleep, webhook
+from jobs.handlers import data_processing, email, event_delivery, sleep, webhook
 from jobs.handlers.registry import (
     HandlerSpec,
     HeldBack,
@@ -27,6 +27,7 @@ __all__ = [
     "PermanentError",
     "data_processing",
     "email",
+    "event_delivery",
     "get_handler",
     "register",
     "registered_types",

@@ -57,16 +57,26 @@ class HandlerSpec:
     timeout_s: float
     is_async: bool
     signed: bool = False
+    # A retry schedule of the type's own, in seconds: the wait before retry n is
+    # `retry_delays_s[n-1]` (the last repeats), less up to 10% of jitter. None: the global
+    # RetryPolicy's exponential backoff (jobs/lifecycle.py).
+    retry_delays_s: tuple[float, ...] | None = None
 
 
 _REGISTRY: dict[str, HandlerSpec] = {}
 
 
 def register(
-    job_type: str, *, schema: type[BaseModel], timeout_s: float, signed: bool = False
+    job_type: str,
+    *,
+    schema: type[BaseModel],
+    timeout_s: float,
+    signed: bool = False,
+    retry_delays_s: tuple[float, ...] | None = None,
 ) -> Callable[[Callable[[Any, JobContext], Any]], Callable[[Any, JobContext], Any]]:
     """Decorator: `@register("email", schema=EmailPayload, timeout_s=60)`. With `signed`, the
-    worker gives the handler the tenant's signing secrets (`ctx.signing_secrets`)."""
+    worker gives the handler the tenant's signing secrets (`ctx.signing_secrets`); with
+    `retry_delays_s`, the type's retries follow that schedule instead of the global backoff."""
 
     def decorator(func: Callable[[Any, JobContext], Any]) -> Callable[[Any, JobContext], Any]:
         if job_type in _REGISTRY:
@@ -78,6 +88,7 @@ def register(
             timeout_s=timeout_s,
             is_async=asyncio.iscoroutinefunction(func),
             signed=signed,
+            retry_delays_s=retry_delays_s,
         )
         return func
 

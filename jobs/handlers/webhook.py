@@ -12,6 +12,9 @@ live secret of the tenant, which the worker puts in `ctx.signing_secrets`.
 Every request first takes a slot at its destination host (jobs/destinations.py: a concurrency
 cap and a circuit breaker per host, over all workers); a host that must be spared holds the job
 back (`HeldBack`) without an attempt spent.
+
+`send` is that request path on its own; event deliveries (jobs/handlers/event_delivery.py) use it
+with the event's id as `webhook-id`.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import socket
 import ssl
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import httpcore
@@ -95,6 +99,23 @@ def _upper(value: Any) -> Any:
     return value.upper() if isinstance(value, str) else value
 
 
+def check_url(value: str) -> str:
+    """`value` if it is an http(s) URL with a host (and a valid port); else ValueError."""
+    if any(ch.isspace() or ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value):
+        raise ValueError("url must not contain whitespace or control characters")
+    try:
+        url = httpx.URL(value)
+    except httpx.InvalidURL as exc:
+        raise ValueError(f"invalid url: {exc}") from exc
+    if url.scheme not in ("http", "https"):
+        raise ValueError("url must be http or https")
+    if not url.host:
+        raise ValueError("url must have a host")
+    if url.port is not None and not 1 <= url.port <= 65535:
+        raise ValueError("url port must be from 1 to 65535")
+    return value
+
+
 class WebhookPayload(BaseModel):
     """Payload of a `webhook` job."""
 
@@ -111,19 +132,7 @@ class WebhookPayload(BaseModel):
     @field_validator("url")
     @classmethod
     def _check_url(cls, value: str) -> str:
-        if any(ch.isspace() or ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value):
-            raise ValueError("url must not contain whitespace or control characters")
-        try:
-            url = httpx.URL(value)
-        except httpx.InvalidURL as exc:
-            raise ValueError(f"invalid url: {exc}") from exc
-        if url.scheme not in ("http", "https"):
-            raise ValueError("url must be http or https")
-        if not url.host:
-            raise ValueError("url must have a host")
-        if url.port is not None and not 1 <= url.port <= 65535:
-            raise ValueError("url port must be from 1 to 65535")
-        return value
+        return check_url(value)
 
     @field_validator("headers")
     @classmethod
@@ -289,7 +298,8 @@ def _snippet(body: bytes) -> str:
     return text[:ERROR_SNIPPET_CHARS]
 
 
-def _status_error(status: int, body: bytes) -> Exception:
+def status_error(status: int, body: bytes) -> Exception:
+    """The error of an answer that is not 2xx: permanent for 4xx but 408 and 429."""
     snippet = _snippet(body)
     message = f"webhook returned HTTP {status}" + (f": {snippet}" if snippet else "")
     if 400 <= status < 500 and status not in RETRYABLE_4XX:
@@ -298,7 +308,7 @@ def _status_error(status: int, body: bytes) -> Exception:
 
 
 async def _exchange(
-    client: httpx.AsyncClient, payload: WebhookPayload, ctx: JobContext
+    client: httpx.AsyncClient, payload: WebhookPayload, ctx: JobContext, msg_id: str
 ) -> tuple[int, bytes]:
     """Send the request, following up to MAX_REDIRECTS redirects by hand; (status, capped body)."""
     method = payload.method
@@ -311,7 +321,7 @@ async def _exchange(
     if payload.body is not None:
         content = json.dumps(payload.body, separators=(",", ":"), allow_nan=False).encode()
         headers.setdefault("Content-Type", "application/json")
-    msg_id, timestamp = signing.message_id(ctx.job_id), int(time.time())
+    timestamp = int(time.time())
     for hop in range(MAX_REDIRECTS + 1):
         # Every hop is signed for the exact bytes it sends (a 303 drops the body), and the
         # signature headers replace any a job created before they were refused might carry.
@@ -351,13 +361,20 @@ async def _exchange(
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-@register("webhook", schema=WebhookPayload, timeout_s=60, signed=True)
-async def call_webhook(payload: WebhookPayload, ctx: JobContext) -> dict[str, int]:
-    """Make the request, signed with the tenant's secrets (Standard Webhooks); 2xx gives
-    `{statusCode, durationMs}`, anything else fails.
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """What the destination answered (any status) and how long the exchange took."""
 
-    4xx other than 408/429 and blocked addresses are permanent; the rest is retried.
-    """
+    status: int
+    body: bytes
+    duration_ms: int
+
+
+async def send(payload: WebhookPayload, ctx: JobContext, *, msg_id: str) -> Answer:
+    """Make the request through the guarded transport, signed with `ctx.signing_secrets` under
+    `msg_id`, after taking a slot at its host (HeldBack if the host must be spared). Network
+    errors and timeouts raise WebhookError, blocked addresses and invalid requests
+    PermanentError; any HTTP answer is returned, whatever its status."""
     allow = netguard.parse_allow_list(settings.JOBS.get("WEBHOOK_ALLOWED_HOSTS") or [])
     timeout_s = payload.timeout_ms / 1000
     # The URL's host bears the request (redirects included): its concurrency cap and circuit
@@ -375,7 +392,7 @@ async def call_webhook(payload: WebhookPayload, ctx: JobContext) -> dict[str, in
                     trust_env=False,
                     timeout=httpx.Timeout(timeout_s),
                 ) as client:
-                    status, body = await _exchange(client, payload, ctx)
+                    status, body = await _exchange(client, payload, ctx, msg_id)
         except (TimeoutError, httpx.TimeoutException) as exc:
             slot.failed()
             raise WebhookError(f"webhook timed out after {payload.timeout_ms} ms") from exc
@@ -387,6 +404,17 @@ async def call_webhook(payload: WebhookPayload, ctx: JobContext) -> dict[str, in
             raise WebhookError(f"webhook request failed: {detail}") from exc
         slot.answered(status)
     duration_ms = round((time.perf_counter() - started) * 1000)
-    if not 200 <= status < 300:
-        raise _status_error(status, body)
-    return {"statusCode": status, "durationMs": duration_ms}
+    return Answer(status=status, body=body, duration_ms=duration_ms)
+
+
+@register("webhook", schema=WebhookPayload, timeout_s=60, signed=True)
+async def call_webhook(payload: WebhookPayload, ctx: JobContext) -> dict[str, int]:
+    """Make the request, signed with the tenant's secrets (Standard Webhooks); 2xx gives
+    `{statusCode, durationMs}`, anything else fails.
+
+    4xx other than 408/429 and blocked addresses are permanent; the rest is retried.
+    """
+    answer = await send(payload, ctx, msg_id=signing.message_id(ctx.job_id))
+    if not 200 <= answer.status < 300:
+        raise status_error(answer.status, answer.body)
+    return {"statusCode": answer.status, "durationMs": answer.duration_ms}

@@ -26,10 +26,17 @@ def extra_type() -> Iterator[str]:
     unregister(EXTRA_TYPE)
 
 
-def test_all_four_types_are_registered_with_their_kind_and_timeout() -> None:
-    assert registered_types() == ["data_processing", "email", "sleep", "webhook"]
+def test_all_five_types_are_registered_with_their_kind_and_timeout() -> None:
+    types = ["data_processing", "email", "event_delivery", "sleep", "webhook"]
+    assert registered_types() == types
     kinds = {name: get_handler(name).is_async for name in registered_types()}  # type: ignore[union-attr]
-    assert kinds == {"data_processing": False, "email": False, "sleep": True, "webhook": True}
+    assert kinds == {
+        "data_processing": False,
+        "email": False,
+        "event_delivery": True,
+        "sleep": True,
+        "webhook": True,
+    }
     assert get_handler("sleep").timeout_s >= 600 + 30  # type: ignore[union-attr]
     assert get_handler("webhook").timeout_s >= 30  # type: ignore[union-attr]
 
