@@ -51,6 +51,7 @@ API_PATH_PREFIXES = (
     "/metrics",
     "/events",
     "/event-subscriptions",
+    "/signing-secrets",
 )
 API_URLCONF = "config.api_urls"
 PROBE_PATHS = frozenset({"/health", "/ready"})

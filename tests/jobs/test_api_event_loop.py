@@ -274,3 +274,19 @@ async def test_probes_answer_whatever_the_host(api: httpx.AsyncClient, path: str
     # (the public name) does not list.
     response = await api.get(path, headers={"Host": "10.0.0.7:8000"})
     assert response.status_code == 200, response.text
+
+
+async def test_the_webhook_endpoints_answer_on_the_lean_path(api: httpx.AsyncClient) -> None:
+    """Signing secrets and event subscriptions are API paths like /jobs: JSON in and out, no
+    CSRF token, through the lean handler."""
+    rotated = await api.post("/signing-secrets/rotate")
+    assert rotated.status_code == 201, rotated.text
+    assert rotated.json()["secret"].startswith("whsec_")
+    subscription = {"url": "https://example.com/hook", "events": ["job.completed"]}
+    created = await api.post("/event-subscriptions", json=subscription)
+    assert created.status_code == 201, created.text
+    listed = await api.get("/event-subscriptions")
+    assert [s["id"] for s in listed.json()["subscriptions"]] == [created.json()["id"]]
+    missing = await api.delete(f"/event-subscriptions/{uuid.uuid4()}")
+    assert missing.status_code == 404
+    assert missing.headers["content-type"].startswith("application/json")
