@@ -19,12 +19,12 @@ from django.db import connections
 from django.test import Client
 from django.utils import timezone
 
-from config.asgi import application
 from jobs import pg
 from jobs.models import Job, JobStatus, Tenant
-from jobs.queue import close_async_queue, sync_queue
+from jobs.queue import sync_queue
 from jobs.services import api_key_create, api_key_revoke
-from realtime.hub import close_hub, get_hub
+from realtime.hub import get_hub
+from tests.support.api import asgi_api
 from tests.support.updates import listen_to_tenant
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -40,18 +40,8 @@ def postgres_store(settings: Any) -> None:
 @pytest.fixture
 async def api(api_key: str) -> AsyncIterator[httpx.AsyncClient]:
     """A client of config.asgi.application in this test's event loop (no server process)."""
-    transport = httpx.ASGITransport(app=application)
-    async with httpx.AsyncClient(
-        transport=transport,
-        base_url="http://127.0.0.1",
-        headers={"Authorization": f"Bearer {api_key}"},
-    ) as client:
+    async with asgi_api(api_key) as client:
         yield client
-    # Pool, hub and Redis client belong to this test's loop, which ends with it.
-    await pg.close_pools()
-    await close_hub()
-    await close_async_queue()
-    await sync_to_async(connections.close_all)()
 
 
 def job_row(job_id: str) -> Job:

@@ -10,19 +10,13 @@ from typing import Any
 
 import httpx
 import pytest
-from asgiref.sync import sync_to_async
-from django.db import connections
 from django.test import Client
 
-from config.asgi import application
-from jobs import pg
 from jobs.handlers import PermanentError
 from jobs.handlers.email import EmailPayload, send_email
 from jobs.models import Job, JobStatus, Tenant
-from jobs.queue import close_async_queue
 from jobs.services import JobSpec, job_enqueue
-from realtime.hub import close_hub
-from tests.support.api import SLEEP, assert_error, post
+from tests.support.api import SLEEP, asgi_api, assert_error, post
 from tests.support.handlers import make_ctx, run_sync
 from tests.support.smtp_server import SMTPServer
 from tests.support.worker import run_burst
@@ -204,17 +198,8 @@ async def event_loop_api(api_key: str, settings: Any) -> AsyncIterator[httpx.Asy
     """The production path (psycopg's async pool, redis-py's asyncio client), as in
     tests/jobs/test_api_event_loop.py."""
     set_jobs(settings, API_STORE="postgres")
-    transport = httpx.ASGITransport(app=application)
-    async with httpx.AsyncClient(
-        transport=transport,
-        base_url="http://127.0.0.1",
-        headers={"Authorization": f"Bearer {api_key}"},
-    ) as client:
+    async with asgi_api(api_key) as client:
         yield client
-    await pg.close_pools()
-    await close_hub()
-    await close_async_queue()
-    await sync_to_async(connections.close_all)()
 
 
 @pytest.mark.django_db(transaction=True)

@@ -34,27 +34,15 @@ from jobs.services import (
     job_enqueue,
     tenant_create,
 )
-from jobs.signing import secret_cache
 from jobs.worker import Worker, WorkerOptions
 from tests.support.api import assert_error, get, post
 from tests.support.handlers import allow_webhook_hosts
 from tests.support.stack import wait_until
-from tests.support.webhook_server import Recorded, WebhookServer, webhook_server
+from tests.support.webhook_server import Recorded, WebhookServer
 from tests.support.worker import run_burst
 
-
-@pytest.fixture
-def server(settings: Any) -> Iterator[WebhookServer]:
-    allow_webhook_hosts(settings, "127.0.0.1")
-    with webhook_server("127.0.0.1") as srv:
-        yield srv
-
-
-@pytest.fixture(autouse=True)
-def fresh_secret_cache() -> Iterator[None]:
-    secret_cache.clear()
-    yield
-    secret_cache.clear()
+# The worker's secret cache lives per process; tests reuse tenant ids with new secrets.
+pytestmark = pytest.mark.usefixtures("fresh_secret_cache")
 
 
 def delete(client: Client, path: str, key: str | None) -> Any:
@@ -195,12 +183,12 @@ def test_tenants_cannot_create_event_delivery_jobs(client: Client, api_key: str)
 
 @pytest.mark.django_db(transaction=True)
 def test_a_completed_subscription_gets_one_signed_post_per_completed_job(
-    client: Client, server: WebhookServer
+    client: Client, allowed_receiver: WebhookServer
 ) -> None:
     tenant = tenant_create(tenant_id="acme")
     ((secret, _),) = signing_secrets_live(tenant_id=tenant.id)
     _, key = api_key_create(tenant=tenant)
-    sub = subscribe(tenant, server.url("/events"), "job.completed")
+    sub = subscribe(tenant, allowed_receiver.url("/events"), "job.completed")
     jobs = [sleep_job(tenant), sleep_job(tenant)]
 
     run_burst()
@@ -209,7 +197,7 @@ def test_a_completed_subscription_gets_one_signed_post_per_completed_job(
     dispatch()  # nothing new: a second pass sends nothing again
     run_burst()
 
-    calls = server.calls("/events")
+    calls = allowed_receiver.calls("/events")
     assert len(calls) == 2
     by_job = {}
     for request in calls:
@@ -235,22 +223,24 @@ def test_a_completed_subscription_gets_one_signed_post_per_completed_job(
 
 
 @pytest.mark.django_db(transaction=True)
-def test_job_star_gets_created_started_completed_in_order(server: WebhookServer) -> None:
+def test_job_star_gets_created_started_completed_in_order(allowed_receiver: WebhookServer) -> None:
     tenant = tenant_create(tenant_id="acme")
     ((secret, _),) = signing_secrets_live(tenant_id=tenant.id)
-    subscribe(tenant, server.url("/events"), "job.*")
+    subscribe(tenant, allowed_receiver.url("/events"), "job.*")
     job = sleep_job(tenant, delay_ms=1000)
     dispatch()  # the job is PENDING as created now; a worker would claim it within the pass
 
     with worker_running():
-        wait_until(lambda: len(server.calls("/events")) >= 3, timeout=20, message="3 events")
+        wait_until(
+            lambda: len(allowed_receiver.calls("/events")) >= 3, timeout=20, message="3 events"
+        )
         wait_until(
             lambda: all(d.status == JobStatus.COMPLETED for d in deliveries(tenant)),
             timeout=10,
             message="deliveries completed",
         )
 
-    bodies = [verified(secret, request) for request in server.calls("/events")]
+    bodies = [verified(secret, request) for request in allowed_receiver.calls("/events")]
     assert [b["type"] for b in bodies] == ["job.created", "job.started", "job.completed"]
     assert {b["data"]["id"] for b in bodies} == {str(job.id)}
     assert [b["data"]["status"] for b in bodies] == ["PENDING", "RUNNING", "COMPLETED"]
@@ -258,26 +248,28 @@ def test_job_star_gets_created_started_completed_in_order(server: WebhookServer)
 
 @pytest.mark.django_db(transaction=True)
 def test_a_failing_receiver_gets_each_event_once_in_order_after_retries(
-    client: Client, server: WebhookServer
+    client: Client, allowed_receiver: WebhookServer
 ) -> None:
     tenant = tenant_create(tenant_id="acme")
     ((secret, _),) = signing_secrets_live(tenant_id=tenant.id)
     _, key = api_key_create(tenant=tenant)
-    server.statuses["/events"] = [500, 200]
-    sub = subscribe(tenant, server.url("/events"), "job.*")
+    allowed_receiver.statuses["/events"] = [500, 200]
+    sub = subscribe(tenant, allowed_receiver.url("/events"), "job.*")
     sleep_job(tenant, delay_ms=1000)
     dispatch()
 
     with worker_running():
         # The first retry waits 4.5-5 s; the later events wait for it (held, not attempted).
-        wait_until(lambda: len(server.calls("/events")) >= 4, timeout=25, message="4 requests")
+        wait_until(
+            lambda: len(allowed_receiver.calls("/events")) >= 4, timeout=25, message="4 requests"
+        )
         wait_until(
             lambda: all(d.status == JobStatus.COMPLETED for d in deliveries(tenant)),
             timeout=10,
             message="deliveries completed",
         )
 
-    failed, *succeeded = server.calls("/events")
+    failed, *succeeded = allowed_receiver.calls("/events")
     ids = [request.headers["webhook-id"] for request in succeeded]
     assert len(ids) == len(set(ids)) == 3
     assert failed.headers["webhook-id"] == ids[0]
@@ -299,24 +291,28 @@ def test_a_failing_receiver_gets_each_event_once_in_order_after_retries(
 
 
 @pytest.mark.django_db(transaction=True)
-def test_a_job_finished_before_the_subscription_sends_nothing(server: WebhookServer) -> None:
+def test_a_job_finished_before_the_subscription_sends_nothing(
+    allowed_receiver: WebhookServer,
+) -> None:
     tenant = tenant_create(tenant_id="acme")
     job = sleep_job(tenant)
     run_burst()
     job.refresh_from_db()
     assert job.status == JobStatus.COMPLETED
 
-    sub = subscribe(tenant, server.url("/events"), "job.*")
+    sub = subscribe(tenant, allowed_receiver.url("/events"), "job.*")
     assert sub.cursor >= job.cursor
     assert dispatch() == []
     run_burst()
-    assert deliveries(tenant) == [] and server.calls() == []
+    assert deliveries(tenant) == [] and allowed_receiver.calls() == []
 
 
 @pytest.mark.django_db(transaction=True)
-def test_dispatching_the_same_changes_twice_creates_no_duplicate(server: WebhookServer) -> None:
+def test_dispatching_the_same_changes_twice_creates_no_duplicate(
+    allowed_receiver: WebhookServer,
+) -> None:
     tenant = tenant_create(tenant_id="acme")
-    sub = subscribe(tenant, server.url("/events"), "job.*")
+    sub = subscribe(tenant, allowed_receiver.url("/events"), "job.*")
     start = sub.cursor
     sleep_job(tenant)
     sleep_job(tenant)
@@ -333,10 +329,10 @@ def test_dispatching_the_same_changes_twice_creates_no_duplicate(server: Webhook
 
 @pytest.mark.django_db(transaction=True)
 def test_a_deleted_subscriptions_deliveries_complete_without_a_request(
-    server: WebhookServer,
+    allowed_receiver: WebhookServer,
 ) -> None:
     tenant = tenant_create(tenant_id="acme")
-    sub = subscribe(tenant, server.url("/events"), "job.created")
+    sub = subscribe(tenant, allowed_receiver.url("/events"), "job.created")
     sleep_job(tenant)
     dispatch()
     sub.delete()
@@ -346,7 +342,7 @@ def test_a_deleted_subscriptions_deliveries_complete_without_a_request(
     (delivery,) = deliveries(tenant)
     assert delivery.status == JobStatus.COMPLETED
     assert delivery.result == {"skipped": "the event subscription was deleted"}
-    assert server.calls() == []
+    assert allowed_receiver.calls() == []
 
 
 @pytest.mark.usefixtures("hooks")

@@ -3,9 +3,14 @@ and the spec's error JSON checked the same way everywhere."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import AsyncIterator
 from typing import Any
 
+import httpx
+from asgiref.sync import sync_to_async
+from django.db import connections
 from django.test import Client
 
 SLEEP: dict[str, Any] = {"type": "sleep", "payload": {"delayMs": 10}}
@@ -34,3 +39,26 @@ def assert_error(response: Any, status: int, message: str | None = None) -> dict
     if message is not None:
         assert body["error"] == message
     return body
+
+
+@contextlib.asynccontextmanager
+async def asgi_api(api_key: str) -> AsyncIterator[httpx.AsyncClient]:
+    """A client of config.asgi.application (the production path: the lean handler, psycopg's
+    async pool, redis-py's asyncio client) in the test's event loop, with no server process.
+    The pool, hub and Redis client it starts belong to that loop and are closed with it."""
+    from config.asgi import application
+    from jobs import pg
+    from jobs.queue import close_async_queue
+    from realtime.hub import close_hub
+
+    transport = httpx.ASGITransport(app=application)
+    async with httpx.AsyncClient(
+        transport=transport,
+        base_url="http://127.0.0.1",
+        headers={"Authorization": f"Bearer {api_key}"},
+    ) as client:
+        yield client
+    await pg.close_pools()
+    await close_hub()
+    await close_async_queue()
+    await sync_to_async(connections.close_all)()

@@ -10,7 +10,7 @@ import base64
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any, TypeVar
 
@@ -27,31 +27,18 @@ from jobs.selectors import signing_secrets_live
 from jobs.services import JobSpec, job_enqueue, signing_secret_rotate, tenant_create
 from jobs.signing import SecretCache, new_secret, secret_cache
 from tests.support.handlers import (
-    allow_webhook_hosts,
     error_messages,
     make_ctx,
     run_async,
     validate,
 )
-from tests.support.webhook_server import Recorded, Reply, WebhookServer, webhook_server
+from tests.support.webhook_server import Recorded, Reply, WebhookServer
 from tests.support.worker import run_burst
 
+# The worker's secret cache lives per process; tests reuse tenant ids with new secrets.
+pytestmark = pytest.mark.usefixtures("fresh_secret_cache")
+
 T = TypeVar("T")
-
-
-@pytest.fixture
-def server(settings: Any) -> Iterator[WebhookServer]:
-    allow_webhook_hosts(settings, "127.0.0.1")
-    with webhook_server("127.0.0.1") as srv:
-        yield srv
-
-
-@pytest.fixture(autouse=True)
-def fresh_secret_cache() -> Iterator[None]:
-    # The worker's cache is per process; tests reuse tenant ids with new secrets.
-    secret_cache.clear()
-    yield
-    secret_cache.clear()
 
 
 @pytest.fixture
@@ -93,14 +80,18 @@ def live_secret(tenant: Tenant) -> str:
 # --- the handler ----------------------------------------------------------------------------------
 
 
-async def test_request_is_signed_over_the_exact_body_and_verifies(server: WebhookServer) -> None:
+async def test_request_is_signed_over_the_exact_body_and_verifies(
+    allowed_receiver: WebhookServer,
+) -> None:
     secret = new_secret()
     ctx = signed_ctx(secret)
     before = int(time.time())
 
-    await run_async("webhook", {"url": server.url(), "body": {"event": "done", "n": 1}}, ctx)
+    await run_async(
+        "webhook", {"url": allowed_receiver.url(), "body": {"event": "done", "n": 1}}, ctx
+    )
 
-    (request,) = server.calls()
+    (request,) = allowed_receiver.calls()
     assert request.body == b'{"event":"done","n":1}'
     assert Webhook(secret).verify(request.body, request.headers) == {"event": "done", "n": 1}
     assert request.headers["webhook-id"] == f"msg_{ctx.job_id}"
@@ -108,10 +99,14 @@ async def test_request_is_signed_over_the_exact_body_and_verifies(server: Webhoo
     assert len(signatures(request)) == 1 and signatures(request)[0].startswith("v1,")
 
 
-async def test_a_wrong_secret_or_a_changed_body_fails_verification(server: WebhookServer) -> None:
+async def test_a_wrong_secret_or_a_changed_body_fails_verification(
+    allowed_receiver: WebhookServer,
+) -> None:
     secret = new_secret()
-    await run_async("webhook", {"url": server.url(), "body": {"amount": 10}}, signed_ctx(secret))
-    (request,) = server.calls()
+    await run_async(
+        "webhook", {"url": allowed_receiver.url(), "body": {"amount": 10}}, signed_ctx(secret)
+    )
+    (request,) = allowed_receiver.calls()
 
     with pytest.raises(WebhookVerificationError, match="No matching signature"):
         verify(new_secret(), request)
@@ -123,31 +118,35 @@ async def test_a_wrong_secret_or_a_changed_body_fails_verification(server: Webho
 
 @pytest.mark.parametrize("method", ["GET", "HEAD", "DELETE"])
 async def test_a_request_without_body_signs_the_empty_string(
-    server: WebhookServer, method: str
+    allowed_receiver: WebhookServer, method: str
 ) -> None:
     secret = new_secret()
-    await run_async("webhook", {"url": server.url(), "method": method}, signed_ctx(secret))
-    (request,) = server.calls()
+    await run_async(
+        "webhook", {"url": allowed_receiver.url(), "method": method}, signed_ctx(secret)
+    )
+    (request,) = allowed_receiver.calls()
     assert request.body == b""
     verify(secret, request)
 
 
-async def test_every_live_secret_signs(server: WebhookServer) -> None:
+async def test_every_live_secret_signs(allowed_receiver: WebhookServer) -> None:
     new, old = new_secret(), new_secret()
-    await run_async("webhook", {"url": server.url(), "body": [1]}, signed_ctx(new, old))
-    (request,) = server.calls()
+    await run_async("webhook", {"url": allowed_receiver.url(), "body": [1]}, signed_ctx(new, old))
+    (request,) = allowed_receiver.calls()
     assert len(signatures(request)) == 2
     verify(new, request)
     verify(old, request)
 
 
-async def test_each_redirect_hop_is_signed_for_the_bytes_it_sends(server: WebhookServer) -> None:
+async def test_each_redirect_hop_is_signed_for_the_bytes_it_sends(
+    allowed_receiver: WebhookServer,
+) -> None:
     secret = new_secret()
-    server.statuses["/redirect"] = [Reply(303, body=b"", headers={"Location": "/final"})]
+    allowed_receiver.statuses["/redirect"] = [Reply(303, body=b"", headers={"Location": "/final"})]
     ctx = signed_ctx(secret)
-    await run_async("webhook", {"url": server.url("/redirect"), "body": {"a": 1}}, ctx)
+    await run_async("webhook", {"url": allowed_receiver.url("/redirect"), "body": {"a": 1}}, ctx)
 
-    first, second = server.calls()
+    first, second = allowed_receiver.calls()
     assert (first.method, first.body, second.method, second.body) == (
         "POST",
         b'{"a":1}',
@@ -177,17 +176,17 @@ def enqueue_webhook(tenant: Tenant, url: str, **kwargs: Any) -> Job:
 
 @pytest.mark.django_db(transaction=True)
 @pytest.mark.usefixtures("fast_retries")
-def test_retries_of_one_job_carry_the_same_webhook_id(server: WebhookServer) -> None:
+def test_retries_of_one_job_carry_the_same_webhook_id(allowed_receiver: WebhookServer) -> None:
     tenant = tenant_create(tenant_id="acme")
     secret = live_secret(tenant)
-    server.statuses["/flaky"] = [500, 200]
-    job = enqueue_webhook(tenant, server.url("/flaky"), max_attempts=3)
+    allowed_receiver.statuses["/flaky"] = [500, 200]
+    job = enqueue_webhook(tenant, allowed_receiver.url("/flaky"), max_attempts=3)
 
     run_burst()
 
     job.refresh_from_db()
     assert job.status == JobStatus.COMPLETED and job.attempts == 2
-    first, second = server.calls("/flaky")
+    first, second = allowed_receiver.calls("/flaky")
     assert first.headers["webhook-id"] == second.headers["webhook-id"] == f"msg_{job.id}"
     for request in (first, second):
         assert verify(secret, request) is None
@@ -195,15 +194,15 @@ def test_retries_of_one_job_carry_the_same_webhook_id(server: WebhookServer) -> 
 
 @pytest.mark.django_db(transaction=True)
 def test_after_a_rotation_both_secrets_verify_until_the_old_one_expires(
-    server: WebhookServer,
+    allowed_receiver: WebhookServer,
 ) -> None:
     tenant = tenant_create(tenant_id="acme")
     old = live_secret(tenant)
     new = signing_secret_rotate(tenant=tenant).secret.secret
 
-    enqueue_webhook(tenant, server.url("/during"))
+    enqueue_webhook(tenant, allowed_receiver.url("/during"))
     run_burst()
-    (during,) = server.calls("/during")
+    (during,) = allowed_receiver.calls("/during")
     assert len(signatures(during)) == 2
     verify(new, during)
     verify(old, during)
@@ -213,9 +212,9 @@ def test_after_a_rotation_both_secrets_verify_until_the_old_one_expires(
         expires_at=timezone.now() - timedelta(seconds=1)
     )
     secret_cache.clear()
-    enqueue_webhook(tenant, server.url("/after"))
+    enqueue_webhook(tenant, allowed_receiver.url("/after"))
     run_burst()
-    (after,) = server.calls("/after")
+    (after,) = allowed_receiver.calls("/after")
     assert len(signatures(after)) == 1
     verify(new, after)
     with pytest.raises(WebhookVerificationError):
@@ -224,17 +223,17 @@ def test_after_a_rotation_both_secrets_verify_until_the_old_one_expires(
 
 @pytest.mark.django_db(transaction=True)
 def test_a_tenant_without_a_secret_gets_unsigned_requests_and_a_warning(
-    server: WebhookServer, caplog: pytest.LogCaptureFixture
+    allowed_receiver: WebhookServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     tenant = Tenant.objects.create(id="legacy")  # not through tenant_create: no secret
-    job = enqueue_webhook(tenant, server.url())
+    job = enqueue_webhook(tenant, allowed_receiver.url())
 
     with caplog.at_level(logging.WARNING, logger="jobs.signing"):
         run_burst()
 
     job.refresh_from_db()
     assert job.status == JobStatus.COMPLETED
-    (request,) = server.calls()
+    (request,) = allowed_receiver.calls()
     assert request.headers["webhook-id"] == f"msg_{job.id}"
     assert "webhook-signature" not in request.headers
     assert any("no live signing secret" in r.getMessage() for r in caplog.records)
