@@ -15,6 +15,9 @@ holds the lock on its id by then). After that, every row with a cursor <= L is c
 for good.
 SQLite has one writer at a time, so its largest cursor is already such a point.
 
+The change log (`JobChange`, jobs/events_dispatch.py) is written by triggers too: statement-level
+ones on PostgreSQL (migration 0007), a row-level one on SQLite (below).
+
 On the wire a cursor is a string of decimal digits; "0" is before every change.
 """
 
@@ -25,8 +28,9 @@ from collections.abc import Iterable
 from typing import Any
 
 from django.db import connection, connections
+from django.db.models import JSONField
 
-from jobs.models import Job
+from jobs.models import EventSubscription, Job, JobChange
 
 MAX = 2**63 - 1
 # How long `watermark` waits for running transactions before giving up (it then returns None).
@@ -42,6 +46,19 @@ _XID_LOCKS = (
 )
 _RUNNING_XIDS = f"{_XID_LOCKS} AND l.pid <> pg_backend_pid()"
 _STILL_RUNNING = f"{_XID_LOCKS} AND l.transactionid::text = ANY(%s)"
+
+
+def _sqlite_row_json(row: str) -> str:
+    """The arguments of SQLite's `json_object` that give a job's row as JSON, keyed by column
+    (JSON columns embedded as JSON, as PostgreSQL's `to_jsonb` gives them)."""
+    pairs = []
+    for field in Job._meta.concrete_fields:
+        value = f"{row}.{field.column}"
+        if isinstance(field, JSONField):
+            value = f"json({value})"
+        pairs.append(f"'{field.column}', {value}")
+    return ", ".join(pairs)
+
 
 _SQLITE_TRIGGERS = [
     f"""
@@ -59,6 +76,17 @@ _SQLITE_TRIGGERS = [
         UPDATE {Job._meta.db_table}
         SET cursor = (SELECT coalesce(max(cursor), 0) + 1 FROM {Job._meta.db_table})
         WHERE id = NEW.id;
+    END
+    """,
+    # The change log of tenants with event subscriptions (migration 0007 on PostgreSQL): the
+    # row as it stands once its new cursor is set, both on insert and on update.
+    f"""
+    CREATE TRIGGER IF NOT EXISTS jobs_jobchange_log
+    AFTER UPDATE OF cursor ON {Job._meta.db_table} FOR EACH ROW
+    WHEN NEW.cursor IS NOT NULL AND NEW.type <> 'event_delivery'
+    AND NEW.tenant_id IN (SELECT tenant_id FROM {EventSubscription._meta.db_table}) BEGIN
+        INSERT OR IGNORE INTO {JobChange._meta.db_table} (cursor, tenant_id, job_id, snapshot)
+        VALUES (NEW.cursor, NEW.tenant_id, NEW.id, json_object({_sqlite_row_json("NEW")}));
     END
     """,
 ]

@@ -1,9 +1,9 @@
 """Events of a tenant's jobs, as event subscriptions receive them (SPEC section 14): which
 change of a job is which event, and the ids that make a delivery unique.
 
-An event is read from a job's state at one change (its cursor), not recorded by the transition
-that made it: the dispatcher (jobs/events_dispatch.py) reads the changes after its position and
-maps each to at most one event with `event_of`.
+An event is read from a job's state right after one change (its cursor), not recorded by the
+transition that made it: the dispatcher (jobs/events_dispatch.py) reads the change log after its
+position and maps each change to at most one event with `event_of`.
 """
 
 from __future__ import annotations

@@ -181,6 +181,29 @@ class EventSubscription(models.Model):
         return f"event subscription {self.id} ({self.tenant_id})"
 
 
+class JobChange(models.Model):
+    """One change of a job of a tenant that has event subscriptions, as the job stood right
+    after it: written by a trigger in the statement that made the change (migration 0007), read
+    in cursor order by the event dispatcher (jobs/events_dispatch.py), deleted once every
+    subscription of the tenant has read past it. The dispatcher reads each change, not only the
+    latest state of a job, so every matching change becomes an event."""
+
+    cursor = models.BigIntegerField(primary_key=True)
+    tenant = models.ForeignKey(
+        Tenant, on_delete=models.CASCADE, db_constraint=False, related_name="+"
+    )
+    job_id = models.UUIDField()
+    # The job's row as JSON (column names as keys): `job_from_snapshot` makes it a Job again.
+    snapshot = models.JSONField()
+
+    class Meta:
+        ordering = ["cursor"]
+        indexes = [models.Index(fields=["tenant", "cursor"], name="job_change_tenant_cursor")]
+
+    def __str__(self) -> str:
+        return f"change {self.cursor} of job {self.job_id}"
+
+
 class EventDelivery(models.Model):
     """One attempt to deliver one event to a subscription's URL: the delivery log (the newest
     `events_dispatch.LOG_KEEP` per subscription are kept)."""

@@ -81,11 +81,13 @@ class Upkeep:
         return len(created)
 
     async def trim_delivery_logs(self) -> int:
-        """Trim the subscriptions' delivery logs, once per `TRIM_EVERY_S` over all workers."""
+        """Trim the subscriptions' delivery logs and the change log (rows of tenants without a
+        subscription left), once per `TRIM_EVERY_S` over all workers."""
         lock, every_s = events_dispatch.TRIM_LOCK, events_dispatch.TRIM_EVERY_S
         if not await self.queue.try_lock(lock, owner=self.name, ttl_s=every_s):
             return 0
-        return await orm(events_dispatch.trim_logs, thread_sensitive=False)()
+        trimmed = await orm(events_dispatch.trim_logs, thread_sensitive=False)()
+        return trimmed + await orm(events_dispatch.prune_changes, thread_sensitive=False)()
 
     async def _each(self, task: str, run: Callable[[], Awaitable[object]]) -> None:
         try:

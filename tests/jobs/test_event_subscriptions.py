@@ -20,10 +20,10 @@ from django.utils import timezone
 from standardwebhooks import Webhook
 
 from jobs import events
-from jobs.events_dispatch import dispatch, trim_logs
+from jobs.events_dispatch import dispatch, prune_changes, trim_logs
 from jobs.handlers.event_delivery import MAX_ATTEMPTS, RETRY_DELAYS_S
 from jobs.lifecycle import RetryPolicy
-from jobs.models import EventDelivery, EventSubscription, Job, JobStatus, Tenant
+from jobs.models import EventDelivery, EventSubscription, Job, JobChange, JobStatus, Tenant
 from jobs.schemas import job_json
 from jobs.selectors import signing_secrets_live
 from jobs.services import (
@@ -31,7 +31,10 @@ from jobs.services import (
     JobSpec,
     api_key_create,
     event_subscription_create,
+    event_subscription_delete,
+    job_cancel,
     job_enqueue,
+    job_retry,
     tenant_create,
 )
 from jobs.worker import Worker, WorkerOptions
@@ -57,6 +60,15 @@ def subscribe(tenant: Tenant, url: str, *names: str) -> EventSubscription:
 def sleep_job(tenant: Tenant, delay_ms: int = 10) -> Job:
     job, _ = job_enqueue(tenant=tenant, spec=JobSpec(type="sleep", payload={"delayMs": delay_ms}))
     return job
+
+
+def finish(job: Job) -> None:
+    """Claim and complete `job` in two writes, as a worker makes them (no worker runs: its upkeep
+    would dispatch in between)."""
+    now = timezone.now()
+    rows = Job.objects.filter(id=job.id)
+    rows.update(status=JobStatus.RUNNING, attempts=1, started_at=now, updated_at=now)
+    rows.update(status=JobStatus.COMPLETED, result={"sleptMs": 10}, finished_at=now)
 
 
 def deliveries(tenant: Tenant) -> list[Job]:
@@ -288,6 +300,67 @@ def test_a_failing_receiver_gets_each_event_once_in_order_after_retries(
     assert log[-1]["error"].startswith("webhook returned HTTP 500")
     held = [d for d in deliveries(tenant) if d.payload["type"] != "job.created"]
     assert all(d.attempts == 1 for d in held)  # waiting for the earlier event spent nothing
+
+
+@pytest.mark.django_db(transaction=True)
+def test_every_change_between_two_passes_is_an_event_of_its_own(
+    allowed_receiver: WebhookServer,
+) -> None:
+    tenant = tenant_create(tenant_id="acme")
+    subscribe(tenant, allowed_receiver.url("/events"), "job.*")
+    ran = sleep_job(tenant)
+    finish(ran)  # claimed and completed before any pass
+    cancelled = sleep_job(tenant)
+    job_cancel(tenant=tenant, job_id=cancelled.id)
+    job_retry(tenant=tenant, job_id=cancelled.id)
+
+    made = dispatch()
+
+    assert [(d.payload["data"]["id"], d.payload["type"]) for d in made] == [
+        (str(ran.id), "job.created"),
+        (str(ran.id), "job.started"),
+        (str(ran.id), "job.completed"),
+        (str(cancelled.id), "job.created"),
+        (str(cancelled.id), "job.cancelled"),
+        (str(cancelled.id), "job.retrying"),
+    ]
+    # Each event carries the job as it stood at that change, not as it stands now.
+    assert [d.payload["data"]["status"] for d in made] == [
+        "PENDING",
+        "RUNNING",
+        "COMPLETED",
+        "PENDING",
+        "CANCELLED",
+        "PENDING",
+    ]
+    assert made[1].payload["data"]["result"] is None
+    assert made[2].payload["data"]["result"] == {"sleptMs": 10}
+    sent = [int(d.payload["data"]["cursor"]) for d in made[:3]]
+    assert sent == sorted(sent) and len(set(sent)) == 3
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_change_log_holds_only_what_a_subscription_has_still_to_read(
+    allowed_receiver: WebhookServer,
+) -> None:
+    watched = tenant_create(tenant_id="acme")
+    other = tenant_create(tenant_id="globex")
+    sub = subscribe(watched, allowed_receiver.url("/events"), "job.completed")
+    for tenant in (other, watched):
+        finish(sleep_job(tenant))
+
+    logged = JobChange.objects.values_list("tenant_id", flat=True)
+    assert set(logged) == {"acme"}  # no subscription, no log; deliveries are not logged either
+    assert len(logged) == 3
+    assert len(dispatch()) == 1
+    assert not JobChange.objects.exists()  # read past by the only subscription of its tenant
+
+    sleep_job(watched)
+    assert JobChange.objects.count() == 1
+    event_subscription_delete(tenant=watched, subscription_id=sub.id)
+    assert prune_changes() == 1
+    sleep_job(watched)
+    assert not JobChange.objects.exists()
 
 
 @pytest.mark.django_db(transaction=True)
