@@ -25,6 +25,7 @@ from playwright.sync_api import (
 )
 
 from jobs.models import Tenant
+from jobs.queue import sync_queue
 from jobs.services import api_key_create
 from tests.support.stack import ROOT, Stack
 
@@ -108,6 +109,21 @@ def dashboard_page(stack: Stack) -> Callable[[Response], bool]:
     return lambda response: response.url == f"{stack.base_url}/dashboard/" and response.ok
 
 
+def open_circuit(host: str, *, failures: int) -> None:
+    """Fail `failures` requests to `host` as workers report them, which opens its circuit."""
+    queue = sync_queue()
+    for n in range(failures):
+        queue.acquire_host(host=host, holder=f"h{n}", limit=8, lease_ms=5000, cooldown_ms=60_000)
+        queue.release_host(
+            host=host,
+            holder=f"h{n}",
+            verdict="failed",
+            failures_to_open=failures,
+            cooldown_ms=60_000,
+            keep_ms=600_000,
+        )
+
+
 def feed_row(page: Page, job_id: str, status: str) -> object:
     return page.locator(f'#feed tr[data-job-id="{job_id}"][data-status="{status}"]')
 
@@ -184,6 +200,12 @@ def watch_jobs_run(stack: Stack, browser: Browser, key: str) -> None:
     expect(worker).to_contain_text("alive", timeout=WAIT_MS)
     acme_row = page.locator('#tenants-table tr[data-tenant-id="acme"]')
     expect(acme_row.locator('td[data-status="COMPLETED"]')).to_have_text("3")
+    # A webhook host whose circuit opens shows up in the open-circuits panel.
+    expect(page.locator("#circuits-table")).to_contain_text("No open circuit")
+    open_circuit("down.example:443", failures=2)
+    circuit = page.locator('#circuits-table tr[data-host="down.example:443"]')
+    expect(circuit).to_contain_text("open", timeout=WAIT_MS)
+    expect(circuit.locator("td.num")).to_have_text("2")
     assert page.evaluate("window.sameDocument") is True, "the page reloaded"
 
     SCREENSHOT.parent.mkdir(exist_ok=True)
