@@ -15,7 +15,7 @@ from jobs.events import EVENT_DELIVERY
 from jobs.handlers import registered_types, validate_payload
 from jobs.handlers.email import EmailPayload, allowed_sender
 from jobs.models import Tenant
-from jobs.schemas import JobIn
+from jobs.schemas import JobIn, ScheduleJobIn
 from jobs.services import JobSpec
 
 VALIDATION_FAILED = "Validation failed"
@@ -117,3 +117,23 @@ def job_spec(job: JobIn, *, loc: tuple[Any, ...] = ()) -> JobSpec:
         timeout_ms=job.timeout_ms,
         delay_ms=job.delay_ms,
     )
+
+
+def schedule_job(job: ScheduleJobIn) -> dict[str, Any]:
+    """A schedule's job, validated exactly as `POST /jobs` validates a job (type creatable by
+    tenants, payload size and schema, email sender), in the form the schedule stores."""
+    spec = job_spec(
+        JobIn(
+            type=job.type,
+            payload=job.payload,
+            priority=job.priority,
+            max_attempts=job.max_attempts,
+        ),
+        loc=("job",),
+    )
+    return {
+        "type": spec.type,
+        "payload": spec.payload,
+        "priority": spec.priority,
+        "maxAttempts": spec.max_attempts,
+    }
