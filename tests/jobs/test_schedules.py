@@ -17,6 +17,7 @@ from django.db import connection
 from django.test import Client
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
+from jobqueue_client.models import Job as ClientJob
 
 from jobs import scheduling
 from jobs.models import Job, JobStatus, Schedule, Tenant
@@ -316,6 +317,8 @@ def test_a_due_schedule_fires_once_and_moves_on(
     wire = json.loads(job_json(job))
     assert wire["scheduleId"] == str(schedule.id)
     assert datetime.fromisoformat(wire["scheduledFor"]) == due
+    sdk_job = ClientJob.from_api(wire)  # the Python SDK reads them too
+    assert (sdk_job.schedule_id, sdk_job.scheduled_for) == (str(schedule.id), due)
     schedule.refresh_from_db()
     assert schedule.last_run_at == due and schedule.last_job_id == job.id
     assert schedule.next_run_at > timezone.now() - timedelta(seconds=1)
