@@ -150,6 +150,21 @@ def test_invalid_schedules_are_400_with_the_field(
 
 
 @pytest.mark.django_db
+def test_a_nul_character_is_400_not_a_failed_write(client: Client, api_key: str) -> None:
+    # PostgreSQL stores no NUL in text or jsonb: refused with every JSON body, jobs' too.
+    webhook = {"type": "webhook", "payload": {"url": "https://example.com/", "body": {"a": "\x00"}}}
+    for path, body in [
+        ("/schedules", schedule_body(name="a\x00b")),
+        ("/schedules", schedule_body(job=webhook)),
+        ("/jobs", webhook),
+    ]:
+        assert (
+            "NUL" in assert_error(post(client, path, body, api_key), 400)["details"][0]["message"]
+        )
+    assert not Schedule.objects.exists() and not Job.objects.exists()
+
+
+@pytest.mark.django_db
 def test_minimum_interval_is_a_setting(client: Client, api_key: str, settings: Any) -> None:
     settings.JOBS = {**settings.JOBS, "SCHEDULE_MIN_EVERY_S": 30}
     assert fields_of(post(client, "/schedules", schedule_body(every=10), api_key)) == ["every"]
