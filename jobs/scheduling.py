@@ -196,12 +196,13 @@ def fire_due(*, limit: int = BATCH) -> list[Job]:
 
 
 def _database_now() -> datetime:
+    """The database's clock (the time of this transaction's statement), which decides what is
+    due, whatever the workers' clocks say. SQLite (development) has one process: its own."""
+    if connection.vendor != "postgresql":
+        return timezone.now()
     with connection.cursor() as cursor:
-        cursor.execute("SELECT now()" if connection.vendor == "postgresql" else "SELECT 1")
-        value = cursor.fetchone()[0]
-    if isinstance(value, datetime):
-        return value
-    return timezone.now()  # SQLite (development): one process, the machine's clock
+        cursor.execute("SELECT statement_timestamp()")
+        return cursor.fetchone()[0]
 
 
 def fire_one(*, schedule_id: uuid.UUID) -> Job | None:
