@@ -264,7 +264,10 @@ class EventDeliveryListOut(CamelSchema):
 
 
 MAX_EVERY_S = 366 * 24 * 3600
-ScheduleName = Annotated[str, StringConstraints(min_length=1, max_length=200)]
+# No control characters (PostgreSQL stores no NUL in text; the others only hide in lists).
+ScheduleName = Annotated[
+    str, StringConstraints(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$")
+]
 CronExpression = Annotated[str, StringConstraints(min_length=1, max_length=CRON_MAX_LENGTH)]
 TimeZoneName = Annotated[str, StringConstraints(min_length=1, max_length=64)]
 Overlap = Literal["allow", "skip"]

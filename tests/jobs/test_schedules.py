@@ -151,17 +151,21 @@ def test_invalid_schedules_are_400_with_the_field(
 
 @pytest.mark.django_db
 def test_a_nul_character_is_400_not_a_failed_write(client: Client, api_key: str) -> None:
-    # PostgreSQL stores no NUL in text or jsonb: refused with every JSON body, jobs' too.
-    webhook = {"type": "webhook", "payload": {"url": "https://example.com/", "body": {"a": "\x00"}}}
-    for path, body in [
-        ("/schedules", schedule_body(name="a\x00b")),
-        ("/schedules", schedule_body(job=webhook)),
-        ("/jobs", webhook),
+    # PostgreSQL stores no NUL in text or jsonb: refused in a schedule's name, and in a job's
+    # payload (a webhook's body is free JSON), for schedules and POST /jobs alike.
+    body = {"a": ["ok", "x\x00"]}
+    webhook = {"type": "webhook", "payload": {"url": "https://example.com/", "body": body}}
+    for path, request, field in [
+        ("/schedules", schedule_body(name="a\x00b"), "name"),
+        ("/schedules", schedule_body(job=webhook), "job.payload.body.a.1"),
+        ("/jobs", webhook, "payload.body.a.1"),
     ]:
-        assert (
-            "NUL" in assert_error(post(client, path, body, api_key), 400)["details"][0]["message"]
-        )
+        (detail,) = assert_error(post(client, path, request, api_key), 400)["details"]
+        assert detail["field"] == field
     assert not Schedule.objects.exists() and not Job.objects.exists()
+    # A backslash followed by "u0000" is ordinary text.
+    webhook["payload"]["body"] = {"a": "\\u0000"}
+    assert post(client, "/jobs", webhook, api_key).status_code == 201
 
 
 @pytest.mark.django_db
