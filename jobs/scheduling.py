@@ -278,7 +278,10 @@ def _job_of(schedule: Schedule) -> dict[str, Any]:
     """The schedule's job, checked again against its type's payload schema (the type or the
     schema may have changed since the schedule was saved)."""
     job = schedule.job
-    validate_payload(job["type"], job["payload"])
+    try:
+        validate_payload(job["type"], job["payload"])
+    except KeyError as exc:
+        raise ScheduleError(f"its job has no type, or an unknown one: {exc}") from exc
     return {
         "type": job["type"],
         "payload": job["payload"],

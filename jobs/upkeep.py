@@ -81,10 +81,10 @@ class Upkeep:
         """Check for due schedules once per `scheduling.INTERVAL_S`, just after each whole
         second of this machine's clock (due times fall on whole seconds, so a pass that comes
         late does not slide past one)."""
+        interval = scheduling.INTERVAL_S
         while True:
-            await self._each("schedules", self.fire_schedules)
-            interval = scheduling.INTERVAL_S
             await asyncio.sleep(interval - time.time() % interval + 0.005)
+            await self._each("schedules", self.fire_schedules)
 
     async def fire_schedules(self) -> int:
         """One check: fire every schedule due now; how many jobs it made. Every worker checks;
