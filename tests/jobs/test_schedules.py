@@ -13,6 +13,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
+from asgiref.sync import sync_to_async
 from django.db import connection
 from django.test import Client
 from django.test.utils import CaptureQueriesContext
@@ -24,7 +25,7 @@ from jobs.models import Job, JobStatus, Schedule, Tenant
 from jobs.queue import sync_queue
 from jobs.schemas import job_json
 from jobs.upkeep import Upkeep
-from tests.support.api import assert_error, get, post
+from tests.support.api import asgi_api, assert_error, get, post
 
 SLEEP_JOB = {"type": "sleep", "payload": {"delayMs": 10}}
 
@@ -504,3 +505,31 @@ def test_a_worker_checks_at_most_once_a_second(
     assert 3 <= upkeep.schedule_checks <= int(elapsed) + 1
     with capsys.disabled():
         print(f"\nidle worker: {upkeep.schedule_checks} schedule checks in {elapsed:.1f} s")
+
+
+# --- the production request path ------------------------------------------------------------
+@pytest.mark.django_db(transaction=True)
+async def test_schedules_and_their_jobs_on_the_lean_path(api_key: str, settings: Any) -> None:
+    """/schedules goes through the lean handler like /jobs (JSON in and out, no CSRF token),
+    and a scheduled job reads back with scheduleId and scheduledFor from psycopg's path."""
+    settings.JOBS = {**settings.JOBS, "API_STORE": "postgres"}
+    async with asgi_api(api_key) as api:
+        created = await api.post("/schedules", json=schedule_body(every=1))
+        assert created.status_code == 201, created.text
+        path = f"/schedules/{created.json()['id']}"
+        await sync_to_async(
+            Schedule.objects.filter(id=created.json()["id"]).update, thread_sensitive=True
+        )(next_run_at=timezone.now().replace(microsecond=0))
+        (job,) = await sync_to_async(scheduling.tick)()
+        read = (await api.get(f"/jobs/{job.id}")).json()
+        assert read["scheduleId"] == created.json()["id"]
+        assert read["scheduledFor"] is not None
+        listed = (await api.get("/schedules")).json()["schedules"]
+        assert [s["id"] for s in listed] == [created.json()["id"]]
+        patched = await api.patch(path, json={"overlap": "skip"})
+        assert patched.status_code == 200 and patched.json()["overlap"] == "skip"
+        assert (await api.delete(path)).status_code == 204
+        assert (await api.get(path)).status_code == 404
+        # The lean handler's JSON 405 (Django's own handler answers it in HTML).
+        wrong = await api.put("/schedules")
+        assert wrong.status_code == 405 and wrong.json()["details"] == {"allowed": ["GET", "POST"]}
