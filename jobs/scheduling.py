@@ -50,8 +50,9 @@ logger = logging.getLogger("jobs.worker")
 INTERVAL_S = 1.0  # how often each worker checks for due schedules
 BATCH = 100  # due schedules read per query of a pass
 CRON_MAX_LENGTH = 100
-# Steps a cron search may take to get past an instant (it can step back across a DST fold).
-_MAX_STEPS = 8
+# Candidates a cron search may take to get past an instant: wall-clock arithmetic from inside a
+# repeated (fall-back) hour could step back into its first instance, at most an hour of minutes.
+_MAX_STEPS = 2 * 60 + 1
 
 
 class ScheduleError(ValueError):
