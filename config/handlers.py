@@ -52,6 +52,7 @@ API_PATH_PREFIXES = (
     "/events",
     "/event-subscriptions",
     "/signing-secrets",
+    "/schedules",
 )
 API_URLCONF = "config.api_urls"
 PROBE_PATHS = frozenset({"/health", "/ready"})

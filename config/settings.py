@@ -236,6 +236,10 @@ JOBS = {
     # reads slowly; past it a socket's live updates are dropped (RESYNC once it has read half),
     # a stream waits before it reads more.
     "WS_SEND_BUFFER_BYTES": env_int("JOBS_WS_SEND_BUFFER_BYTES", 1024 * 1024, minimum=1024),
+    # Schedules (jobs/scheduling.py, docs/schedules.md): the shortest `every` a schedule may
+    # have, and how many schedules one tenant may keep.
+    "SCHEDULE_MIN_EVERY_S": env_int("JOBS_SCHEDULE_MIN_EVERY_S", 1, minimum=1),
+    "MAX_SCHEDULES_PER_TENANT": env_int("JOBS_MAX_SCHEDULES_PER_TENANT", 100, minimum=0),
     # How the API's hot endpoints reach the database: "postgres" (psycopg's async pool on the
     # event loop, jobs/api_store.py) or "orm" (the ORM in a thread: SQLite, and unit tests, whose
     # data lives in a transaction only Django's own connection sees).

@@ -9,17 +9,18 @@ from datetime import UTC, datetime
 from typing import Any
 
 from django.conf import settings
-from django.db.models import BigIntegerField, Count, Func
+from django.db.models import BigIntegerField, Count, F, Func
 from django.utils import timezone
 
 from jobs import cursors
-from jobs.models import Job, JobStatus, Tenant
+from jobs.models import Job, JobStatus, Schedule, Tenant
 from jobs.queue import Circuit, sync_queue
 from jobs.selectors import QueueDepth, tenant_queue_depths
 from realtime.consumers import JobUpdatesConsumer
 
 logger = logging.getLogger(__name__)
 
+SCHEDULES_SHOWN = 50
 THROUGHPUT_BUCKET_S = 10
 THROUGHPUT_BUCKETS = 60  # ten minutes
 # The page subscribes to every tenant it shows over one socket, so it shows at most this many.
@@ -93,6 +94,8 @@ class DashboardStats:
     redis_ok: bool
     # Webhook destination hosts whose circuit breaker is open or half-open (all tenants).
     circuits: list[Circuit]
+    # The schedules due soonest (enabled first), at most SCHEDULES_SHOWN.
+    schedules: list[Schedule]
 
 
 def job_counts_by_tenant(*, tenant_id: str | None = None) -> dict[str, dict[str, int]]:
@@ -177,6 +180,17 @@ def open_circuits() -> list[Circuit]:
         return []
 
 
+def next_schedules(*, tenant_id: str | None = None) -> list[Schedule]:
+    """The enabled schedules due soonest, then the disabled ones, in one query."""
+    qs = (
+        Schedule.objects.all()
+        if tenant_id is None
+        else Schedule.objects.filter(tenant_id=tenant_id)
+    )
+    order = ("-enabled", F("next_run_at").asc(nulls_last=True), "tenant_id", "name")
+    return list(qs.order_by(*order)[:SCHEDULES_SHOWN])
+
+
 def dashboard_stats(*, tenant: Tenant | None = None, now: datetime | None = None) -> DashboardStats:
     """The dashboard's data in a fixed number of queries, whatever the number of jobs."""
     now = now or timezone.now()
@@ -213,4 +227,5 @@ def dashboard_stats(*, tenant: Tenant | None = None, now: datetime | None = None
         # tenant_queue_depths reports an unreachable Redis as ready=None.
         redis_ok=redis_ok and all(depth.ready is not None for depth in depths.values()),
         circuits=open_circuits(),
+        schedules=next_schedules(tenant_id=tenant_id),
     )

@@ -108,6 +108,18 @@ def stats_payload(stats: DashboardStats) -> dict[str, Any]:
             }
             for c in stats.circuits
         ],
+        "schedules": [
+            {
+                "id": str(schedule.id),
+                "name": schedule.name,
+                "tenant": schedule.tenant_id,
+                "timing": schedule.cron or f"every {schedule.every} s",
+                "nextRunAt": None if schedule.next_run_at is None else iso(schedule.next_run_at),
+                "enabled": schedule.enabled,
+                "adminUrl": reverse("admin:jobs_schedule_change", args=[quote(schedule.pk)]),
+            }
+            for schedule in stats.schedules
+        ],
     }
 
 

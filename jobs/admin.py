@@ -28,14 +28,24 @@ from django.utils.html import format_html, format_html_join
 from django.utils.http import urlencode
 from django.utils.safestring import SafeString
 
+from jobs import scheduling
 from jobs.errors import ApiError
-from jobs.models import ApiKey, EventSubscription, Job, JobStatus, SigningSecret, Tenant
-from jobs.selectors import tenant_queue_depths
+from jobs.models import (
+    ApiKey,
+    EventSubscription,
+    Job,
+    JobStatus,
+    Schedule,
+    SigningSecret,
+    Tenant,
+)
+from jobs.selectors import schedule_recent_jobs, tenant_queue_depths
 from jobs.services import (
     api_key_create,
     api_key_revoke,
     job_cancel,
     job_retry,
+    schedule_set_enabled,
     signing_secret_create,
     signing_secret_rotate,
     tenant_save,
@@ -137,6 +147,7 @@ JOB_FIELDSETS = (
             "fields": ("locked_by", "lease_token", "lease_expires_at", "idempotency_key"),
         },
     ),
+    ("Schedule", {"classes": ("collapse",), "fields": ("schedule_id", "scheduled_for")}),
 )
 
 
@@ -547,3 +558,120 @@ class EventSubscriptionAdmin(admin.ModelAdmin):
             "</table>",
             body,
         )
+
+
+# --- schedules ----------------------------------------------------------------------------------
+SCHEDULE_JOBS_SHOWN = 20
+
+
+@admin.register(Schedule)
+class ScheduleAdmin(admin.ModelAdmin):
+    """Tenants' schedules with their next run: enabled or disabled and run at once from here,
+    through the same services as the API; the rest is the tenants' to change."""
+
+    list_display = (
+        "name",
+        "tenant",
+        "timing",
+        "timezone",
+        "enabled",
+        "overlap",
+        "next_run_at",
+        "last_run_at",
+    )
+    list_filter = ("enabled", "overlap", "tenant")
+    search_fields = ("=id", "=tenant__id", "name")
+    list_select_related = ("tenant",)
+    ordering = ("next_run_at", "tenant_id", "name")
+    actions = ("enable_selected", "disable_selected", "run_now")
+    fields = (
+        "id",
+        "tenant",
+        "name",
+        "cron",
+        "every",
+        "timezone",
+        "job_pretty",
+        "enabled",
+        "overlap",
+        "next_run_at",
+        "last_run_at",
+        "created_at",
+        "updated_at",
+        "recent_jobs",
+    )
+    readonly_fields = fields
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Schedule | None = None) -> bool:
+        # Without an object this gates the changelist's actions; the form stays read-only.
+        return obj is None and super().has_change_permission(request)
+
+    @admin.display(description="when")
+    def timing(self, obj: Schedule) -> str:
+        return obj.cron if obj.cron is not None else f"every {obj.every} s"
+
+    @admin.display(description="job")
+    def job_pretty(self, obj: Schedule) -> SafeString | None:
+        return pretty_json(obj.job)
+
+    @admin.display(description=f"latest {SCHEDULE_JOBS_SHOWN} jobs")
+    def recent_jobs(self, obj: Schedule) -> SafeString:
+        rows = schedule_recent_jobs(schedule=obj, limit=SCHEDULE_JOBS_SHOWN)
+        body = format_html_join(
+            "",
+            '<tr><td>{}</td><td><a href="{}">{}</a></td><td>{}</td><td>{}</td></tr>',
+            (
+                (
+                    _when(job.scheduled_for) if job.scheduled_for else "",
+                    reverse("admin:jobs_job_change", args=[quote(job.pk)]),
+                    job.id,
+                    job.status,
+                    job.attempts,
+                )
+                for job in rows
+            ),
+        )
+        if not body:
+            return format_html("<p>{}</p>", "No job yet.")
+        return format_html(
+            "<table><thead><tr><th>due</th><th>job</th><th>status</th><th>attempts</th></tr>"
+            "</thead><tbody>{}</tbody></table>",
+            body,
+        )
+
+    @admin.action(description="Enable selected schedules", permissions=["change"])
+    def enable_selected(self, request: HttpRequest, queryset: QuerySet[Schedule]) -> None:
+        """Enable the selected schedules; each plans its next run from now."""
+        self._set_enabled(request, queryset, enabled=True)
+
+    @admin.action(description="Disable selected schedules", permissions=["change"])
+    def disable_selected(self, request: HttpRequest, queryset: QuerySet[Schedule]) -> None:
+        self._set_enabled(request, queryset, enabled=False)
+
+    def _set_enabled(
+        self, request: HttpRequest, queryset: QuerySet[Schedule], *, enabled: bool
+    ) -> None:
+        changed = 0
+        for schedule in queryset.select_related("tenant").filter(enabled=not enabled):
+            schedule_set_enabled(schedule=schedule, enabled=enabled)
+            changed += 1
+        word = "enabled" if enabled else "disabled"
+        self.message_user(request, f"{_plural(changed, 'schedule')} {word}.", messages.SUCCESS)
+
+    @admin.action(description="Run selected schedules now", permissions=["change"])
+    def run_now(self, request: HttpRequest, queryset: QuerySet[Schedule]) -> None:
+        """Create each selected schedule's job at once, marked with the schedule; the next
+        runs stay as planned."""
+        done, failed = 0, []
+        for schedule in queryset:
+            try:
+                scheduling.run_now(schedule=schedule)
+                done += 1
+            except (ApiError, ValueError, KeyError) as exc:
+                failed.append(f"{schedule.name}: {exc}")
+        self.message_user(request, f"{_plural(done, 'job')} created.", messages.SUCCESS)
+        if failed:
+            self.message_user(request, "Not run: " + "; ".join(failed), messages.ERROR)

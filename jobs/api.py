@@ -13,6 +13,7 @@ from ninja.security import HttpBearer
 
 from jobs import selectors, services
 from jobs.auth import aauthenticate
+from jobs.errors import ApiError
 from jobs.models import Tenant
 from jobs.orm import orm
 from jobs.schemas import (
@@ -28,12 +29,16 @@ from jobs.schemas import (
     JobIn,
     JobListOut,
     JobOut,
+    ScheduleIn,
+    ScheduleListOut,
+    ScheduleOut,
+    SchedulePatch,
     SigningSecretRotatedOut,
     StatsOut,
     job_data,
     job_json,
 )
-from jobs.validation import check_tenant, job_spec
+from jobs.validation import VALIDATION_FAILED, check_tenant, job_spec, schedule_job
 
 logger = logging.getLogger(__name__)
 
@@ -272,3 +277,112 @@ def _deliveries(*, tenant: Tenant, subscription_id: UUID) -> dict:
 async def list_event_deliveries(request: HttpRequest, subscription_id: UUID) -> dict:
     """The subscription's latest 100 delivery attempts, newest first."""
     return await orm(_deliveries)(tenant=request.auth, subscription_id=subscription_id)
+
+
+# --- schedules ----------------------------------------------------------------------------------
+def schedule_data(schedule: Any) -> dict:
+    """A schedule's ScheduleOut fields."""
+    job = schedule.job
+    return {
+        "id": schedule.id,
+        "tenant_id": schedule.tenant_id,
+        "name": schedule.name,
+        "cron": schedule.cron,
+        "every": schedule.every,
+        "timezone": schedule.timezone,
+        "job": {
+            "type": job["type"],
+            "payload": job["payload"],
+            "priority": job.get("priority", 0),
+            "max_attempts": job.get("maxAttempts", 3),
+        },
+        "enabled": schedule.enabled,
+        "overlap": schedule.overlap,
+        "next_run_at": schedule.next_run_at,
+        "last_run_at": schedule.last_run_at,
+        "created_at": schedule.created_at,
+        "updated_at": schedule.updated_at,
+    }
+
+
+def _create_schedule(*, tenant: Tenant, data: ScheduleIn) -> dict:
+    values = data.model_dump(exclude={"job"})
+    values["job"] = schedule_job(data.job)
+    if values["cron"] is not None:
+        values["cron"] = values["cron"].strip()
+    schedule = services.schedule_create(tenant=tenant, values=values, rate_limited=True)
+    return schedule_data(schedule)
+
+
+@router.post("/schedules", response={201: ScheduleOut, 409: ErrorOut, **ERRORS}, tags=["schedules"])
+async def create_schedule(request: HttpRequest, data: ScheduleIn) -> Status:
+    """Create a schedule: its job is created at each due time of `cron` (in `timezone`) or
+    every `every` seconds, once per due time however many workers run."""
+    return Status(201, await orm(_create_schedule)(tenant=request.auth, data=data))
+
+
+def _list_schedules(*, tenant: Tenant) -> dict:
+    return {"schedules": [schedule_data(s) for s in selectors.schedule_list(tenant=tenant)]}
+
+
+@router.get("/schedules", response={200: ScheduleListOut, **ERRORS}, tags=["schedules"])
+async def list_schedules(request: HttpRequest) -> dict:
+    """The tenant's schedules, by name."""
+    return await orm(_list_schedules)(tenant=request.auth)
+
+
+def _get_schedule(*, tenant: Tenant, schedule_id: UUID) -> dict:
+    return schedule_data(selectors.schedule_get(tenant=tenant, schedule_id=schedule_id))
+
+
+@router.get(
+    "/schedules/{schedule_id}",
+    response={200: ScheduleOut, 404: ErrorOut, **ERRORS},
+    tags=["schedules"],
+)
+async def get_schedule(request: HttpRequest, schedule_id: UUID) -> dict:
+    """One schedule of the tenant (404 for an unknown one or another tenant's)."""
+    return await orm(_get_schedule)(tenant=request.auth, schedule_id=schedule_id)
+
+
+def _update_schedule(*, tenant: Tenant, schedule_id: UUID, data: SchedulePatch) -> dict:
+    changes = data.model_dump(include=data.model_fields_set, exclude={"job"})
+    for name in ("name", "timezone", "job", "enabled", "overlap"):
+        if name in data.model_fields_set and getattr(data, name) is None:
+            raise ApiError(
+                400,
+                VALIDATION_FAILED,
+                [{"field": name, "message": f"{name} cannot be null"}],
+            )
+    if data.job is not None:
+        changes["job"] = schedule_job(data.job)
+    if changes.get("cron") is not None:
+        changes["cron"] = changes["cron"].strip()
+    schedule = services.schedule_update(
+        tenant=tenant, schedule_id=schedule_id, changes=changes, rate_limited=True
+    )
+    return schedule_data(schedule)
+
+
+@router.patch(
+    "/schedules/{schedule_id}",
+    response={200: ScheduleOut, 404: ErrorOut, 409: ErrorOut, **ERRORS},
+    tags=["schedules"],
+)
+async def update_schedule(request: HttpRequest, schedule_id: UUID, data: SchedulePatch) -> dict:
+    """Change a schedule; fields left out keep their value. A new timing, or enabling it,
+    plans the next run from now."""
+    update = orm(_update_schedule)
+    return await update(tenant=request.auth, schedule_id=schedule_id, data=data)
+
+
+@router.delete(
+    "/schedules/{schedule_id}",
+    response={204: None, 404: ErrorOut, **ERRORS},
+    tags=["schedules"],
+)
+async def delete_schedule(request: HttpRequest, schedule_id: UUID) -> Status:
+    """Delete a schedule; the jobs it made stay."""
+    delete = orm(services.schedule_delete)
+    await delete(tenant=request.auth, schedule_id=schedule_id, rate_limited=True)
+    return Status(204, None)

@@ -133,6 +133,10 @@ class Job(models.Model):
     lease_expires_at = models.DateTimeField(null=True, blank=True)
     # Set by the database on every change a subscriber sees (jobs/cursors.py); never by Python.
     cursor = CursorField(null=True, blank=True, editable=False)
+    # The schedule that made the job and the due time it fired for (jobs/scheduling.py); a plain
+    # column, not a foreign key, so deleting a schedule leaves its jobs as they are.
+    schedule_id = models.UUIDField(null=True, blank=True)
+    scheduled_for = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["-created_at", "-id"]
@@ -152,6 +156,12 @@ class Job(models.Model):
                 fields=["tenant", "idempotency_key"],
                 condition=Q(idempotency_key__isnull=False),
                 name="job_unique_idempotency_key",
+            ),
+            # One job per schedule and due time: the claim that makes a due time fire once.
+            models.UniqueConstraint(
+                fields=["schedule_id", "scheduled_for"],
+                condition=Q(schedule_id__isnull=False),
+                name="job_unique_schedule_due",
             ),
         ]
 
@@ -231,3 +241,46 @@ class EventDelivery(models.Model):
 
     def __str__(self) -> str:
         return f"{self.event_type} {self.event_id} attempt {self.attempt}"
+
+
+class ScheduleOverlap(models.TextChoices):
+    ALLOW = "allow"
+    SKIP = "skip"
+
+
+class Schedule(models.Model):
+    """A tenant's periodic job: a 5-field `cron` expression in `timezone`, or `every` N seconds
+    (one of the two). The workers fire it (jobs/scheduling.py): each due time once, as a job
+    carrying `schedule_id` and `scheduled_for`. `job` is the job to create, as validated at
+    save time: `{type, payload, priority, maxAttempts}`. `next_run_at` is empty while disabled."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="schedules")
+    name = models.CharField(max_length=200)
+    cron = models.CharField(max_length=100, null=True, blank=True)
+    every = models.PositiveIntegerField(null=True, blank=True, help_text="seconds")
+    timezone = models.CharField(max_length=64, default="UTC")
+    job = models.JSONField()
+    enabled = models.BooleanField(default=True)
+    overlap = models.CharField(
+        max_length=8, choices=ScheduleOverlap.choices, default=ScheduleOverlap.ALLOW
+    )
+    next_run_at = models.DateTimeField(null=True, blank=True)
+    last_run_at = models.DateTimeField(null=True, blank=True)
+    # The newest job the schedule made: `overlap: skip` waits for it to finish.
+    last_job_id = models.UUIDField(null=True, blank=True)
+    created_at = models.DateTimeField()
+    updated_at = models.DateTimeField()
+
+    class Meta:
+        ordering = ["tenant_id", "name"]
+        indexes = [
+            # The workers' once-a-second check: `enabled AND next_run_at <= now()`.
+            models.Index(fields=["next_run_at"], condition=Q(enabled=True), name="schedule_due"),
+        ]
+        constraints = [
+            models.UniqueConstraint(fields=["tenant", "name"], name="schedule_unique_name"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.tenant_id})"

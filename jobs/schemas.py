@@ -14,6 +14,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    StrictBool,
     StrictInt,
     StringConstraints,
     field_validator,
@@ -23,6 +24,7 @@ from pydantic.alias_generators import to_camel
 
 from jobs.handlers.webhook import check_url
 from jobs.models import PRIORITY_MAX, PRIORITY_MIN, TENANT_ID_PATTERN
+from jobs.scheduling import CRON_MAX_LENGTH, check_cron, check_time_zone
 
 MAX_DELAY_MS = 365 * 24 * 3600 * 1000
 MAX_TIMEOUT_MS = 24 * 3600 * 1000
@@ -135,6 +137,10 @@ class JobOut(CamelSchema):
         None,
         description="The position of the job's last change in the order of all changes "
         "(a string of digits; resume WebSocket or SSE updates from it).",
+    )
+    schedule_id: UUID | None = Field(None, description="The schedule that made the job, if any.")
+    scheduled_for: datetime | None = Field(
+        None, description="The due time of the schedule the job was made for."
     )
 
 
@@ -255,6 +261,99 @@ class EventDeliveryOut(CamelSchema):
 
 class EventDeliveryListOut(CamelSchema):
     deliveries: list[EventDeliveryOut]
+
+
+MAX_EVERY_S = 366 * 24 * 3600
+# No control characters (PostgreSQL stores no NUL in text; the others only hide in lists).
+ScheduleName = Annotated[
+    str, StringConstraints(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$")
+]
+CronExpression = Annotated[str, StringConstraints(min_length=1, max_length=CRON_MAX_LENGTH)]
+TimeZoneName = Annotated[str, StringConstraints(min_length=1, max_length=64)]
+Overlap = Literal["allow", "skip"]
+
+
+def _checked_cron(value: str | None) -> str | None:
+    return None if value is None else check_cron(value.strip())
+
+
+def _checked_time_zone(value: str | None) -> str | None:
+    if value is not None:
+        check_time_zone(value)
+    return value
+
+
+class ScheduleJobIn(CamelIn):
+    """The job a schedule creates, validated as `POST /jobs` validates a job."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: JobType
+    payload: dict[str, Any]
+    priority: StrictInt = Field(0, ge=PRIORITY_MIN, le=PRIORITY_MAX)
+    max_attempts: StrictInt = Field(3, ge=1, le=MAX_ATTEMPTS)
+
+
+class ScheduleIn(CamelIn):
+    """A schedule to create: `cron` (5 fields, in `timezone`) or `every` seconds, not both."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: ScheduleName
+    cron: CronExpression | None = None
+    every: StrictInt | None = Field(None, ge=1, le=MAX_EVERY_S, description="seconds")
+    timezone: TimeZoneName = "UTC"
+    job: ScheduleJobIn
+    enabled: StrictBool = True
+    overlap: Overlap = "allow"
+
+    _cron = field_validator("cron")(_checked_cron)
+    _time_zone = field_validator("timezone")(_checked_time_zone)
+
+
+class SchedulePatch(CamelIn):
+    """Changes to a schedule; fields left out keep their value. Switching between `cron` and
+    `every` sets the other to null in the same request."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: ScheduleName | None = None
+    cron: CronExpression | None = None
+    every: StrictInt | None = Field(None, ge=1, le=MAX_EVERY_S, description="seconds")
+    timezone: TimeZoneName | None = None
+    job: ScheduleJobIn | None = None
+    enabled: StrictBool | None = None
+    overlap: Overlap | None = None
+
+    _cron = field_validator("cron")(_checked_cron)
+    _time_zone = field_validator("timezone")(_checked_time_zone)
+
+
+class ScheduleJobOut(CamelSchema):
+    type: str
+    payload: dict[str, Any]
+    priority: int
+    max_attempts: int
+
+
+class ScheduleOut(CamelSchema):
+    id: UUID
+    tenant_id: str
+    name: str
+    cron: str | None
+    every: int | None
+    timezone: str
+    job: ScheduleJobOut
+    enabled: bool
+    overlap: str
+    next_run_at: datetime | None = Field(description="The next due time (null while disabled).")
+    last_run_at: datetime | None = Field(description="The due time of the last job it made.")
+    created_at: datetime
+    updated_at: datetime
+
+
+class ScheduleListOut(CamelSchema):
+    schedules: list[ScheduleOut]
 
 
 class HealthOut(CamelSchema):

@@ -13,7 +13,15 @@ from django.utils import timezone
 
 from jobs import api_store, events
 from jobs.errors import NotFound
-from jobs.models import EventDelivery, EventSubscription, Job, JobStatus, SigningSecret, Tenant
+from jobs.models import (
+    EventDelivery,
+    EventSubscription,
+    Job,
+    JobStatus,
+    Schedule,
+    SigningSecret,
+    Tenant,
+)
 from jobs.orm import orm
 from jobs.queue import sync_queue
 
@@ -179,4 +187,26 @@ def event_delivery_earlier_run_at(
         .order_by("idempotency_key")
         .values_list("run_at", flat=True)
         .first()
+    )
+
+
+def schedule_list(*, tenant: Tenant) -> list[Schedule]:
+    """The tenant's schedules by name."""
+    return list(Schedule.objects.filter(tenant=tenant).order_by("name", "id"))
+
+
+def schedule_get(*, tenant: Tenant, schedule_id: uuid.UUID) -> Schedule:
+    """One schedule of the tenant; another tenant's is indistinguishable from a missing one."""
+    schedule = Schedule.objects.filter(tenant=tenant, id=schedule_id).first()
+    if schedule is None:
+        raise NotFound("Schedule not found")
+    return schedule
+
+
+def schedule_recent_jobs(*, schedule: Schedule, limit: int = 20) -> list[Job]:
+    """The schedule's newest jobs (the admin's schedule page), by due time."""
+    return list(
+        Job.objects.filter(tenant_id=schedule.tenant_id, schedule_id=schedule.id).order_by(
+            "-scheduled_for"
+        )[:limit]
     )

@@ -25,7 +25,7 @@ from django.db import IntegrityError, transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from jobs import api_store, cursors, lifecycle, netguard, signing
+from jobs import api_store, cursors, lifecycle, netguard, scheduling, signing
 from jobs.email_budget import acheck_recipient_budget, check_recipient_budget
 from jobs.errors import ApiError, Conflict, NotFound
 from jobs.models import (
@@ -34,6 +34,7 @@ from jobs.models import (
     EventSubscription,
     Job,
     JobStatus,
+    Schedule,
     SigningSecret,
     Tenant,
 )
@@ -483,3 +484,112 @@ def event_delivery_log(
         )
     except IntegrityError:
         logger.info("delivery not logged: subscription %s is gone", subscription.id)
+
+
+# --- schedules ----------------------------------------------------------------------------------
+SCHEDULE_FIELDS = ("name", "cron", "every", "timezone", "job", "enabled", "overlap")
+
+
+def _schedule_invalid(field: str, message: str) -> ApiError:
+    return ApiError(400, "Validation failed", [{"field": field, "message": message}])
+
+
+def _check_timing(schedule: Schedule) -> None:
+    """Exactly one of cron and every; every at least JOBS_SCHEDULE_MIN_EVERY_S; a cron
+    expression that matches in the schedule's time zone."""
+    if (schedule.cron is None) == (schedule.every is None):
+        raise _schedule_invalid("cron", "give exactly one of cron and every")
+    minimum = settings.JOBS["SCHEDULE_MIN_EVERY_S"]
+    if schedule.every is not None and schedule.every < minimum:
+        raise _schedule_invalid("every", f"every must be at least {minimum} seconds")
+    if schedule.cron is not None:
+        try:
+            scheduling.check_cron(schedule.cron, schedule.timezone)
+        except scheduling.ScheduleError as exc:
+            raise _schedule_invalid("cron", str(exc)) from exc
+
+
+def _plan_next_run(schedule: Schedule, *, now: datetime) -> None:
+    schedule.next_run_at = (
+        scheduling.Timing.of(schedule).next_after(now) if schedule.enabled else None
+    )
+
+
+def _name_taken(tenant: Tenant, name: str) -> Conflict:
+    return Conflict(f"a schedule named {name!r} exists already", {"field": "name"})
+
+
+def schedule_create(
+    *, tenant: Tenant, values: dict[str, Any], rate_limited: bool = False
+) -> Schedule:
+    """Create a schedule from validated `values` (the wire's fields, snake_case, its job as
+    `validation.schedule_job` returns it). 400 for a bad timing, 409 for a name the tenant
+    uses already or past JOBS_MAX_SCHEDULES_PER_TENANT."""
+    now = timezone.now()
+    schedule = Schedule(tenant=tenant, created_at=now, updated_at=now, **values)
+    _check_timing(schedule)
+    _plan_next_run(schedule, now=now)
+    if rate_limited:
+        check_rate_limit(tenant=tenant, jobs=1)
+    cap = settings.JOBS["MAX_SCHEDULES_PER_TENANT"]
+    try:
+        with transaction.atomic():
+            # Serialises concurrent creations of one tenant, so the cap holds.
+            Tenant.objects.select_for_update().filter(pk=tenant.pk).first()
+            if Schedule.objects.filter(tenant=tenant).count() >= cap:
+                raise Conflict(f"a tenant has at most {cap} schedules", {"max": cap})
+            schedule.save(force_insert=True)
+    except IntegrityError as exc:
+        raise _name_taken(tenant, schedule.name) from exc
+    return schedule
+
+
+def schedule_update(
+    *,
+    tenant: Tenant,
+    schedule_id: uuid.UUID,
+    changes: dict[str, Any],
+    rate_limited: bool = False,
+) -> Schedule:
+    """Change some fields of one of the tenant's schedules (404 for another's). A change of
+    its timing, or enabling it, plans its next run from now; disabling clears it."""
+    if rate_limited:
+        check_rate_limit(tenant=tenant, jobs=1)
+    try:
+        with transaction.atomic():
+            schedule = (
+                Schedule.objects.select_for_update().filter(tenant=tenant, id=schedule_id).first()
+            )
+            if schedule is None:
+                raise NotFound("Schedule not found")
+            replan = any(
+                name in changes and changes[name] != getattr(schedule, name)
+                for name in ("cron", "every", "timezone", "enabled")
+            )
+            for name, value in changes.items():
+                setattr(schedule, name, value)
+            _check_timing(schedule)
+            now = timezone.now()
+            if replan or (schedule.enabled and schedule.next_run_at is None):
+                _plan_next_run(schedule, now=now)
+            schedule.updated_at = now
+            schedule.save()
+    except IntegrityError as exc:
+        raise _name_taken(tenant, changes.get("name", "")) from exc
+    return schedule
+
+
+def schedule_delete(*, tenant: Tenant, schedule_id: uuid.UUID, rate_limited: bool = False) -> None:
+    """Delete one of the tenant's schedules (404 for another's); its jobs stay as they are."""
+    if rate_limited:
+        check_rate_limit(tenant=tenant, jobs=1)
+    deleted, _ = Schedule.objects.filter(tenant=tenant, id=schedule_id).delete()
+    if not deleted:
+        raise NotFound("Schedule not found")
+
+
+def schedule_set_enabled(*, schedule: Schedule, enabled: bool) -> Schedule:
+    """Enable (next run planned from now) or disable a schedule: the admin's actions."""
+    return schedule_update(
+        tenant=schedule.tenant, schedule_id=schedule.id, changes={"enabled": enabled}
+    )

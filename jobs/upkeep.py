@@ -1,7 +1,8 @@
 """What every worker does besides running jobs, so that the cluster heals itself: put back the
 claims and leases of workers that died, copy tenants' concurrency limits into Redis, and push
-PENDING jobs that Redis lost (flushed, restarted, a push that failed); and, on a loop of its
-own, dispatch the events of tenants' jobs to their subscriptions (jobs/events_dispatch.py).
+PENDING jobs that Redis lost (flushed, restarted, a push that failed); on a loop of its own,
+dispatch the events of tenants' jobs to their subscriptions (jobs/events_dispatch.py); and on
+another, fire the schedules that are due (jobs/scheduling.py).
 Each task runs and fails on its own: one that keeps failing (a row it cannot read, say) must
 not stop the others."""
 
@@ -15,7 +16,7 @@ from datetime import timedelta
 
 from django.utils import timezone
 
-from jobs import events_dispatch
+from jobs import events_dispatch, scheduling
 from jobs.lifecycle import WorkerTransitions
 from jobs.orm import orm
 from jobs.queue import Queue, entry_for
@@ -46,10 +47,16 @@ class Upkeep:
         self.transitions = transitions
         self.lease_s = lease_s
         self.reconcile_interval_s = reconcile_interval_s
+        # How many times this worker has checked for due schedules (one query each when none is).
+        self.schedule_checks = 0
 
     async def run_forever(self) -> None:
-        """The maintenance loop and the event dispatch loop, side by side."""
-        await asyncio.gather(self._maintain_forever(), self._dispatch_events_forever())
+        """The maintenance loop, the event dispatch loop and the schedule loop, side by side."""
+        await asyncio.gather(
+            self._maintain_forever(),
+            self._dispatch_events_forever(),
+            self.fire_schedules_forever(),
+        )
 
     async def _maintain_forever(self) -> None:
         """Recovery and limit sync every third of a lease, reconciliation every interval."""
@@ -69,6 +76,27 @@ class Upkeep:
             await self._each("event dispatch", self.dispatch_events)
             await self._each("delivery log trim", self.trim_delivery_logs)
             await asyncio.sleep(events_dispatch.INTERVAL_S)
+
+    async def fire_schedules_forever(self) -> None:
+        """Check for due schedules once per `scheduling.INTERVAL_S`, just after each whole
+        second of this machine's clock (due times fall on whole seconds, so a pass that comes
+        late does not slide past one)."""
+        interval = scheduling.INTERVAL_S
+        while True:
+            await asyncio.sleep(interval - time.time() % interval + 0.005)
+            await self._each("schedules", self.fire_schedules)
+
+    async def fire_schedules(self) -> int:
+        """One check: fire every schedule due now; how many jobs it made. Every worker checks;
+        the database's row locks make each due time fire once."""
+        self.schedule_checks += 1
+        created = await orm(scheduling.tick, thread_sensitive=False)()
+        for job in created:
+            logger.info(
+                "schedule fired",
+                extra={"worker": self.name, "job_id": str(job.id), "tenant": job.tenant_id},
+            )
+        return len(created)
 
     async def dispatch_events(self) -> int:
         """One dispatch pass if no other worker is making one (a Redis lock that expires just

@@ -15,7 +15,7 @@ from jobs.events import EVENT_DELIVERY
 from jobs.handlers import registered_types, validate_payload
 from jobs.handlers.email import EmailPayload, allowed_sender
 from jobs.models import Tenant
-from jobs.schemas import JobIn
+from jobs.schemas import JobIn, ScheduleJobIn
 from jobs.services import JobSpec
 
 VALIDATION_FAILED = "Validation failed"
@@ -75,6 +75,32 @@ def check_email_sender(payload: EmailPayload, *, loc: tuple[Any, ...] = ()) -> N
         raise ApiError(400, VALIDATION_FAILED, [{"field": field, "message": SENDER_NOT_ALLOWED}])
 
 
+NUL_REFUSED = "text may not contain the NUL character (\\u0000)"
+
+
+def check_no_nul(value: Any, *, loc: tuple[Any, ...]) -> None:
+    """400 naming the first string or key holding a NUL character: PostgreSQL stores none in
+    text or jsonb, so the write would fail (a 500) instead."""
+    stack: list[tuple[Any, tuple[Any, ...]]] = [(value, loc)]
+    while stack:
+        item, at = stack.pop()
+        if isinstance(item, dict):
+            for key, child in item.items():
+                if "\x00" in key:
+                    raise ApiError(
+                        400, VALIDATION_FAILED, [{"field": _dotted(at), "message": NUL_REFUSED}]
+                    )
+                stack.append((child, (*at, key)))
+        elif isinstance(item, list):
+            stack.extend((child, (*at, index)) for index, child in enumerate(item))
+        elif isinstance(item, str) and "\x00" in item:
+            raise ApiError(400, VALIDATION_FAILED, [{"field": _dotted(at), "message": NUL_REFUSED}])
+
+
+def _dotted(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(part) for part in loc)
+
+
 def job_spec(job: JobIn, *, loc: tuple[Any, ...] = ()) -> JobSpec:
     """Validate the type and payload of one job and turn it into a service-level spec."""
     if job.type not in creatable_types():
@@ -88,7 +114,8 @@ def job_spec(job: JobIn, *, loc: tuple[Any, ...] = ()) -> JobSpec:
                 }
             ],
         )
-    size = len(json.dumps(job.payload, separators=(",", ":")).encode())
+    encoded = json.dumps(job.payload, separators=(",", ":"))
+    size = len(encoded.encode())
     if size > settings.JOBS["MAX_PAYLOAD_BYTES"]:
         raise ApiError(
             413,
@@ -105,6 +132,8 @@ def job_spec(job: JobIn, *, loc: tuple[Any, ...] = ()) -> JobSpec:
         ) from exc
     if isinstance(payload, EmailPayload):
         check_email_sender(payload, loc=loc)
+    if "\\u0000" in encoded:  # a NUL, or a backslash followed by "u0000": look closer
+        check_no_nul(job.payload, loc=(*loc, "payload"))
     run_at = job.run_at
     if job.delay_ms is not None:
         run_at = timezone.now() + timedelta(milliseconds=job.delay_ms)
@@ -117,3 +146,23 @@ def job_spec(job: JobIn, *, loc: tuple[Any, ...] = ()) -> JobSpec:
         timeout_ms=job.timeout_ms,
         delay_ms=job.delay_ms,
     )
+
+
+def schedule_job(job: ScheduleJobIn) -> dict[str, Any]:
+    """A schedule's job, validated exactly as `POST /jobs` validates a job (type creatable by
+    tenants, payload size and schema, email sender), in the form the schedule stores."""
+    spec = job_spec(
+        JobIn(
+            type=job.type,
+            payload=job.payload,
+            priority=job.priority,
+            max_attempts=job.max_attempts,
+        ),
+        loc=("job",),
+    )
+    return {
+        "type": spec.type,
+        "payload": spec.payload,
+        "priority": spec.priority,
+        "maxAttempts": spec.max_attempts,
+    }

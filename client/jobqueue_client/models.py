@@ -74,6 +74,9 @@ class Job:
     created_at: datetime | None = None
     updated_at: datetime | None = None
     cursor: str | None = None
+    # Set on jobs a schedule made: the schedule's id and the due time the job was made for.
+    schedule_id: str | None = None
+    scheduled_for: datetime | None = None
 
     @property
     def is_terminal(self) -> bool:
@@ -121,7 +124,9 @@ class JobUpdate:
         return {"type": "JOB_UPDATE", **_to_wire(self)}
 
 
-_TIME_FIELDS = frozenset({"run_at", "started_at", "finished_at", "created_at", "updated_at"})
+_TIME_FIELDS = frozenset(
+    {"run_at", "started_at", "finished_at", "created_at", "updated_at", "scheduled_for"}
+)
 
 
 def _camel(name: str) -> str:

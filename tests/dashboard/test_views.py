@@ -17,6 +17,7 @@ from django.utils import timezone
 from dashboard.selectors import THROUGHPUT_BUCKETS, job_throughput
 from jobs.models import Job, JobStatus, Tenant
 from jobs.queue import entry_for, sync_queue
+from jobs.services import schedule_create
 from tests.support.jobs import make_job
 from tests.support.users import create_operator
 
@@ -290,6 +291,30 @@ def test_stats_show_open_webhook_circuits(staff_client: Client, tenant: Tenant) 
     assert timedelta(seconds=50) < until - timezone.now() <= timedelta(seconds=61)
     page = staff_client.get("/dashboard/")
     assert b'id="circuits-table"' in page.content
+
+
+def test_schedules_panel_lists_next_runs(
+    staff_client: Client, tenant: Tenant, other_tenant: Tenant
+) -> None:
+    job = {"type": "sleep", "payload": {"delayMs": 1}}
+    schedule_create(tenant=tenant, values={"name": "hourly", "cron": "0 * * * *", "job": job})
+    schedule_create(
+        tenant=other_tenant,
+        values={"name": "paused", "every": 30, "job": job, "enabled": False},
+    )
+    rows = stats_of(staff_client)["schedules"]
+    assert [(r["name"], r["tenant"], r["enabled"]) for r in rows] == [
+        ("hourly", tenant.id, True),
+        ("paused", other_tenant.id, False),
+    ]
+    next_run = datetime.fromisoformat(rows[0]["nextRunAt"].replace("Z", "+00:00"))
+    assert next_run.minute == 0 and next_run > timezone.now()
+    assert rows[0]["timing"] == "0 * * * *" and rows[1]["nextRunAt"] is None
+    assert rows[0]["adminUrl"] == f"/admin/jobs/schedule/{rows[0]['id']}/change/"
+    assert [r["name"] for r in stats_of(staff_client, tenant=other_tenant.id)["schedules"]] == [
+        "paused"
+    ]
+    assert b'id="schedules-table"' in staff_client.get("/dashboard/").content
 
 
 # --- cost ---------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from jobs.admin import EstimatedCountPaginator
-from jobs.models import ApiKey, Job, JobStatus, SigningSecret, Tenant
+from jobs.models import ApiKey, Job, JobStatus, Schedule, SigningSecret, Tenant
 from jobs.selectors import signing_secrets_live
 from jobs.services import (
     JobSpec,
@@ -23,6 +23,7 @@ from jobs.services import (
     api_key_create,
     hash_api_key,
     job_enqueue,
+    schedule_create,
     tenant_create,
 )
 from jobs.signing import fingerprint
@@ -411,3 +412,49 @@ def test_admin_actions_broadcast_the_state_changes(admin_client: Client, tenant:
             timeout=5,
             message=f"updates seen: {listener.updates}",
         )
+
+
+# --- schedules ----------------------------------------------------------------------------------
+SCHEDULES_URL = "/admin/jobs/schedule/"
+
+
+def a_schedule(tenant: Tenant, **values: Any) -> Schedule:
+    job = {"type": "sleep", "payload": {"delayMs": 1}}
+    return schedule_create(
+        tenant=tenant, values={"name": "nightly", "every": 3600, "job": job, **values}
+    )
+
+
+def test_schedules_list_shows_next_run_and_enable_disable_actions(
+    admin_client: Client, tenant: Tenant
+) -> None:
+    schedule = a_schedule(tenant)
+    page = admin_client.get(SCHEDULES_URL)
+    assert page.status_code == 200
+    assert b"nightly" in page.content and b"every 3600 s" in page.content
+
+    response = action(admin_client, SCHEDULES_URL, "disable_selected", [schedule])
+    assert "1 schedule disabled." in messages_of(response)
+    schedule.refresh_from_db()
+    assert schedule.enabled is False and schedule.next_run_at is None
+
+    action(admin_client, SCHEDULES_URL, "enable_selected", [schedule])
+    schedule.refresh_from_db()
+    assert schedule.enabled is True and schedule.next_run_at > timezone.now()
+
+
+def test_run_now_fires_one_job_shown_on_the_schedule_page(
+    admin_client: Client, tenant: Tenant, django_capture_on_commit_callbacks: Any
+) -> None:
+    schedule = a_schedule(tenant)
+    planned = schedule.next_run_at
+    with django_capture_on_commit_callbacks(execute=True):
+        response = action(admin_client, SCHEDULES_URL, "run_now", [schedule])
+    assert "1 job created." in messages_of(response)
+    (job,) = Job.objects.filter(schedule_id=schedule.id)
+    assert job.status == JobStatus.PENDING and job.tenant_id == tenant.id
+    schedule.refresh_from_db()
+    assert schedule.next_run_at == planned and schedule.last_job_id == job.id
+    page = admin_client.get(f"{SCHEDULES_URL}{schedule.id}/change/")
+    assert page.status_code == 200
+    assert str(job.id).encode() in page.content

@@ -115,6 +115,22 @@
     body.replaceChildren(...rows);
   }
 
+  function renderSchedules(s) {
+    const body = byId("schedules-table").tBodies[0];
+    const rows = (s.schedules || []).map((row) =>
+      el("tr", { "data-schedule": row.id },
+        el("td", {}, el("a", { href: row.adminUrl }, row.name)),
+        el("td", {}, row.tenant),
+        el("td", {}, el("code", {}, row.timing)),
+        el("td", {}, row.nextRunAt ? new Date(row.nextRunAt).toLocaleString() : "—"),
+        el("td", {}, el("span", { class: row.enabled ? "badge alive" : "badge stale" },
+          row.enabled ? "enabled" : "disabled"))));
+    if (!rows.length) {
+      rows.push(el("tr", {}, el("td", { colspan: 5, class: "muted" }, "No schedule.")));
+    }
+    body.replaceChildren(...rows);
+  }
+
   function niceMax(value) {
     const exponent = 10 ** Math.floor(Math.log10(Math.max(1, value)));
     for (const step of [1, 2, 5, 10]) {
@@ -169,6 +185,7 @@
     renderTenants(s);
     renderWorkers(s);
     renderCircuits(s);
+    renderSchedules(s);
     renderChart(s.throughput);
     const time = byId("stats-time");
     time.textContent = clock(s.serverTime);
