@@ -35,6 +35,7 @@ from jobs.lifecycle import Outcome, RetryPolicy, WorkerTransitions
 from jobs.models import Job
 from jobs.outcomes import OutcomeWriter, with_db_retries
 from jobs.queue import Queue, close_async_queue, entry_for, parse_claim
+from jobs.redis_clients import async_redis
 from jobs.runner import ProgressReporter, run_attempt
 from jobs.store import JobStore
 from jobs.upkeep import Upkeep
@@ -90,7 +91,7 @@ class Worker:
     ):
         self.options = options
         self.name = options.name
-        self.redis = redis_client or aioredis.Redis.from_url(
+        self.redis = redis_client or async_redis(
             settings.REDIS_URL, socket_timeout=None, socket_connect_timeout=5
         )
         self.queue = queue_class(self.redis)

@@ -74,6 +74,11 @@ class Stack:
     def ws_url(self) -> str:
         return f"ws://127.0.0.1:{self.port}/ws"
 
+    def use_redis(self, url: str) -> None:
+        """Point the processes started from now on at `url` (a private server, a Sentinel set)
+        instead of the suite's Redis."""
+        self.env["REDIS_URL"] = url
+
     def start_api(self, *args: str, processes: int = 1) -> subprocess.Popen:
         """`manage.py serve` on a free port (`args`: more of its options); returns the
         supervisor once /health answers."""

@@ -1,0 +1,91 @@
+"""`REDIS_URL` read as operators write it (jobs/redis_clients.py): one server for redis-py, or
+a Sentinel set; a URL that cannot be read is refused with the reason."""
+
+from __future__ import annotations
+
+import pytest
+
+from jobs.redis_clients import (
+    RedisUrlError,
+    SentinelTarget,
+    check_redis_url,
+    describe_redis_url,
+    parse_sentinel_url,
+)
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        (
+            "redis+sentinel://host1:26379,host2:26380/mymaster/2",
+            SentinelTarget(
+                sentinels=(("host1", 26379), ("host2", 26380)), service="mymaster", db=2
+            ),
+        ),
+        (
+            "redis+sentinel://s1,[::1]:5000/main",
+            SentinelTarget(sentinels=(("s1", 26379), ("::1", 5000)), service="main", db=0),
+        ),
+        (
+            "redis+sentinel://app:p%40ss@s1:26379/main/0?sentinel_password=s%3Dcret",
+            SentinelTarget(
+                sentinels=(("s1", 26379),),
+                service="main",
+                username="app",
+                password="p@ss",
+                sentinel_password="s=cret",
+            ),
+        ),
+        (
+            "redis+sentinel://:secret@s1/main",
+            SentinelTarget(sentinels=(("s1", 26379),), service="main", password="secret"),
+        ),
+    ],
+)
+def test_sentinel_urls(url: str, expected: SentinelTarget) -> None:
+    assert parse_sentinel_url(url) == expected
+    check_redis_url(url)
+
+
+@pytest.mark.parametrize(
+    "url", ["redis://127.0.0.1:6379/0", "rediss://:pw@redis.example.com/1", "unix:///tmp/r.sock"]
+)
+def test_one_server_urls_are_redis_pys(url: str) -> None:
+    assert parse_sentinel_url(url) is None
+    check_redis_url(url)
+
+
+@pytest.mark.parametrize(
+    ("url", "reason"),
+    [
+        ("redis+sentinel:///mymaster/0", "at least one sentinel"),
+        ("redis+sentinel://s1:26379/", "ends with /<master name>[/<db>]"),
+        ("redis+sentinel://s1:26379/m/0/extra", "ends with /<master name>[/<db>]"),
+        ("redis+sentinel://s1:26379/m/zero", "is a number, not 'zero'"),
+        ("redis+sentinel://s1:port/m", "the port is not a number"),
+        ("redis+sentinel://s1:70000/m", "bad sentinel address"),
+        ("redis+sentinel://s1/m?timeout=1", "unknown redis+sentinel URL option(s): timeout"),
+        ("rediss+sentinel://s1/m", "unsupported Redis URL scheme 'rediss+sentinel'"),
+        ("http://127.0.0.1:6379/0", "Redis URL must specify one of the following schemes"),
+    ],
+)
+def test_unreadable_urls_say_why(url: str, reason: str) -> None:
+    with pytest.raises(RedisUrlError) as raised:
+        check_redis_url(url)
+    assert reason in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis://:pw@h:6379/0", "redis://:***@h:6379/0"),
+        (
+            "redis+sentinel://app:pw@s1,s2/m/0?sentinel_password=x",
+            "redis+sentinel://app:***@s1,s2/m/0?sentinel_password=***",
+        ),
+        ("redis://h:6379/0", "redis://h:6379/0"),
+    ],
+)
+def test_urls_are_described_without_passwords(url: str, shown: str) -> None:
+    assert describe_redis_url(url) == shown
