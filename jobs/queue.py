@@ -204,6 +204,10 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def parse_cluster_enabled(raw: Mapping[str, Any]) -> bool:
+    return str(raw.get("cluster_enabled", 0)) == "1"
+
+
 def parse_claim(raw: list[Any]) -> Claimed:
     ids, next_due = raw
     return Claimed(
@@ -467,6 +471,11 @@ class Queue:
 
     def ping(self) -> Any:
         return self.client.ping()
+
+    def cluster_info(self) -> Any:
+        """`INFO cluster` (`parse_cluster_enabled`): whether the server is a Redis Cluster node,
+        which the queue does not support yet (its scripts span tenants' keys)."""
+        return self.client.info("cluster")
 
     def set_tenant_limit(self, tenant: str, limit: int | None) -> Any:
         if limit is None:

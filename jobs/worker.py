@@ -34,7 +34,7 @@ from jobs import pg
 from jobs.lifecycle import Outcome, RetryPolicy, WorkerTransitions
 from jobs.models import Job
 from jobs.outcomes import OutcomeWriter, with_db_retries
-from jobs.queue import Queue, close_async_queue, entry_for, parse_claim
+from jobs.queue import Queue, close_async_queue, entry_for, parse_claim, parse_cluster_enabled
 from jobs.redis_clients import async_redis
 from jobs.runner import ProgressReporter, run_attempt
 from jobs.store import JobStore
@@ -77,6 +77,10 @@ class WorkerOptions:
     max_jobs: int | None = None
     max_memory_mb: int | None = None
     grace_s: float = 30.0
+
+
+class UnsupportedRedis(Exception):
+    """The Redis `REDIS_URL` names cannot hold the queue: waiting would not help."""
 
 
 class Worker:
@@ -122,7 +126,14 @@ class Worker:
         """Run until stopped; returns the process exit code (0 for a clean stop, 1 if a side
         task died)."""
         self._log("started concurrency=%s burst=%s", self.options.concurrency, self.options.burst)
-        await self._start_up()
+        try:
+            await self._start_up()
+        except UnsupportedRedis as exc:
+            self._log("%s", exc, level=logging.ERROR)
+            self.jobs.close()
+            await pg.close_pools()
+            await self.redis.aclose()
+            return 2
         side_tasks = {
             "heartbeat": self._heartbeat_forever(),
             "upkeep": self.upkeep.run_forever(),
@@ -182,6 +193,11 @@ class Worker:
         delay = 0.1
         while not self._stop.is_set():
             try:
+                if parse_cluster_enabled(await self.queue.cluster_info()):
+                    raise UnsupportedRedis(
+                        "REDIS_URL names a Redis Cluster node: Redis Cluster is not supported"
+                        " yet; use one server or a Sentinel set (docs/scaling.md)"
+                    )
                 # Claims left under this name by an earlier process that died go back first.
                 await self.queue.requeue(worker=self.name)
                 await self._beat()
@@ -190,6 +206,8 @@ class Worker:
                     await self.upkeep.recover()
                     await self.upkeep.reconcile()
                 return
+            except UnsupportedRedis:
+                raise
             except Exception as exc:
                 self._log(
                     "start-up failed (%s); retrying in %.1fs", exc, delay, level=logging.WARNING
