@@ -145,14 +145,14 @@ class _SyncSentinelPool(redis.sentinel.SentinelConnectionPool):
 
     _checked = 0.0
 
-    def get_connection(self, command_name: Any = None, *keys: Any, **options: Any) -> Any:
+    def get_connection(self, *args: Any, **kwargs: Any) -> Any:
         if time.monotonic() - self._checked >= MASTER_CHECK_S:
             self._checked = time.monotonic()
             # On a change this drops the idle connections; if no sentinel answers, the
             # connections stay as they are.
             with contextlib.suppress(redis.ConnectionError):
                 self.get_master_address()
-        connection = super().get_connection(command_name, *keys, **options)
+        connection = super().get_connection(*args, **kwargs)
         master = self.master_address
         if master is not None and (connection.host, connection.port) != master:
             connection.disconnect()
@@ -169,14 +169,14 @@ class _AsyncSentinelPool(aiosentinel.SentinelConnectionPool):
 
     _checked = 0.0
 
-    async def get_connection(self, command_name: Any = None, *keys: Any, **options: Any) -> Any:
+    async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
         if time.monotonic() - self._checked >= MASTER_CHECK_S:
             self._checked = time.monotonic()
             # On a change this drops the idle connections; if no sentinel answers, the
             # connections stay as they are.
             with contextlib.suppress(redis.ConnectionError):
                 await self.get_master_address()
-        return await super().get_connection(command_name, *keys, **options)
+        return await super().get_connection(*args, **kwargs)
 
     async def ensure_connection(self, connection: Any) -> None:
         master = self.master_address

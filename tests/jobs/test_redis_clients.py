@@ -1,17 +1,27 @@
 """`REDIS_URL` read as operators write it (jobs/redis_clients.py): one server for redis-py, or
-a Sentinel set; a URL that cannot be read is refused with the reason."""
+a Sentinel set; a URL that cannot be read is refused with the reason. And the Sentinel clients
+follow a failover (a primary, a replica and three sentinels on loopback ports)."""
 
 from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
 
 import pytest
 
 from jobs.redis_clients import (
+    MASTER_CHECK_S,
     RedisUrlError,
     SentinelTarget,
+    async_redis,
     check_redis_url,
     describe_redis_url,
     parse_sentinel_url,
+    sync_redis,
 )
+from tests.support.redis_server import sentinel_set
+from tests.support.stack import wait_until
 
 
 @pytest.mark.parametrize(
@@ -89,3 +99,43 @@ def test_unreadable_urls_say_why(url: str, reason: str) -> None:
 )
 def test_urls_are_described_without_passwords(url: str, shown: str) -> None:
     assert describe_redis_url(url) == shown
+
+
+@pytest.mark.slow
+def test_clients_leave_the_old_master_after_a_sentinel_failover(tmp_path: Path) -> None:
+    """After `SENTINEL FAILOVER` the old primary stays a writable master for about ten seconds
+    and takes PUBLISH for ever: a client that only publishes must still move to the new master
+    within a second or so of the sentinels naming it (else its updates reach nobody)."""
+    with sentinel_set(tmp_path) as servers:
+        sync = sync_redis(servers.url, socket_timeout=2)
+
+        async def publish(message: str) -> int:
+            client = async_redis(servers.url, socket_timeout=2)
+            try:
+                return await client.publish("updates", message)
+            finally:
+                await client.aclose()
+
+        assert sync.publish("updates", "before") == 0 == asyncio.run(publish("before"))
+        servers.failover()
+        wait_until(
+            lambda: servers.master_port() == servers.replica.port,
+            timeout=10,
+            message="no failover",
+        )
+        switched = time.monotonic()
+        # (Subscribed after the promotion, which closes the replica's client connections.)
+        listener = servers.replica.client().pubsub()
+        listener.subscribe("updates")
+        # One subscriber, on the new master: 1 once the client publishes there.
+        wait_until(
+            lambda: sync.publish("updates", "after") == 1,
+            timeout=MASTER_CHECK_S + 1.5,  # the old primary stays a master ~10 s
+            message="the sync client still publishes on the old master",
+        )
+        moved_s = time.monotonic() - switched
+        assert not servers.old_primary_gone(), "the old primary is still a master meanwhile"
+        assert asyncio.run(publish("after")) == 1
+        listener.close()
+        sync.close()
+    print(f"\nsync client on the new master {moved_s:.2f}s after the sentinels named it")
