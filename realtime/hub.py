@@ -304,9 +304,10 @@ class Hub:
         checked = time.monotonic()
         while True:
             if time.monotonic() - checked >= MASTER_CHECK_S:
-                # After a Sentinel failover the old master, now a replica, may keep this
-                # connection and still pass on what is published on the new one, but not
-                # reliably (a full resynchronisation drops it): move, and have listeners told.
+                # After a Sentinel failover nothing closes this connection to the old master
+                # at once (after SENTINEL FAILOVER it stays a master for some seconds, then
+                # becomes a replica), and what is published on the new one does not reach it
+                # reliably: move, and have listeners told.
                 checked = time.monotonic()
                 if not await on_master(client, pubsub.connection):
                     raise MasterMoved("the Redis master moved")
