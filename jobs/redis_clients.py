@@ -140,6 +140,34 @@ def _master_options(target: SentinelTarget, options: dict[str, Any]) -> dict[str
     return {"db": target.db, "username": target.username, "password": target.password, **options}
 
 
+def _no_master(sentinel: Any, service: str) -> redis.sentinel.MasterNotFoundError:
+    """redis-py's MasterNotFoundError names each sentinel client with its connection settings,
+    password included: the same error, with the sentinels' addresses only."""
+    hosts = ", ".join(
+        "{host}:{port}".format(**client.connection_pool.connection_kwargs)
+        for client in sentinel.sentinels
+    )
+    return redis.sentinel.MasterNotFoundError(
+        f"no sentinel of {hosts} names a master for {service!r}"
+    )
+
+
+class _SyncSentinel(redis.sentinel.Sentinel):
+    def discover_master(self, service_name: str) -> Any:
+        try:
+            return super().discover_master(service_name)
+        except redis.sentinel.MasterNotFoundError:
+            raise _no_master(self, service_name) from None
+
+
+class _AsyncSentinel(aiosentinel.Sentinel):
+    async def discover_master(self, service_name: str) -> Any:
+        try:
+            return await super().discover_master(service_name)
+        except aiosentinel.MasterNotFoundError:
+            raise _no_master(self, service_name) from None
+
+
 class _SyncSentinelPool(redis.sentinel.SentinelConnectionPool):
     """redis-py's pool, which also follows the master while its connections stay up."""
 
@@ -212,7 +240,7 @@ def sync_redis(url: str, **options: Any) -> redis.Redis:
     target = parse_sentinel_url(url)
     if target is None:
         return redis.Redis.from_url(url, **options)
-    sentinel = redis.sentinel.Sentinel(target.sentinels, sentinel_kwargs=_sentinel_options(target))
+    sentinel = _SyncSentinel(target.sentinels, sentinel_kwargs=_sentinel_options(target))
     return sentinel.master_for(
         target.service,
         redis_class=_SyncMaster,
@@ -226,7 +254,7 @@ def async_redis(url: str, **options: Any) -> aioredis.Redis:
     target = parse_sentinel_url(url)
     if target is None:
         return aioredis.Redis.from_url(url, **options)
-    sentinel = aiosentinel.Sentinel(target.sentinels, sentinel_kwargs=_sentinel_options(target))
+    sentinel = _AsyncSentinel(target.sentinels, sentinel_kwargs=_sentinel_options(target))
     return sentinel.master_for(
         target.service,
         redis_class=_AsyncMaster,

@@ -38,10 +38,14 @@ def main() -> int:
     except RedisUrlError as exc:
         problems.append(f"REDIS_URL cannot be read: {exc}")
     except redis.RedisError as exc:
-        problems.append(
-            f"Redis at {describe_redis_url(REDIS_URL)} does not answer ({exc}).\n"
-            '  Start it: redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save ""'
+        hint = (
+            "Check the sentinels and the master they monitor."
+            if REDIS_URL.startswith("redis+sentinel:")
+            else "Start it: redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379"
+            ' --save ""'
         )
+        shown = describe_redis_url(REDIS_URL)
+        problems.append(f"Redis at {shown} does not answer ({exc}).\n  {hint}")
     for problem in problems:
         print(f"make test: {problem}", file=sys.stderr)
     return 1 if problems else 0

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import redis
 
 from jobs.redis_clients import (
     MASTER_CHECK_S,
@@ -21,7 +22,7 @@ from jobs.redis_clients import (
     sync_redis,
 )
 from tests.support.redis_server import sentinel_set
-from tests.support.stack import wait_until
+from tests.support.stack import free_port, wait_until
 
 
 @pytest.mark.parametrize(
@@ -139,3 +140,23 @@ def test_clients_leave_the_old_master_after_a_sentinel_failover(tmp_path: Path) 
         listener.close()
         sync.close()
     print(f"\nsync client on the new master {moved_s:.2f}s after the sentinels named it")
+
+
+def test_no_password_in_the_error_when_no_sentinel_answers() -> None:
+    # redis-py's own error would list each sentinel client with its settings, password included.
+    url = f"redis+sentinel://:master-pw@127.0.0.1:{free_port()}/main/0?sentinel_password=s-pw"
+    with pytest.raises(redis.ConnectionError) as raised:
+        sync_redis(url, socket_timeout=1).ping()
+
+    async def ping() -> None:
+        client = async_redis(url, socket_timeout=1)
+        try:
+            await client.ping()
+        finally:
+            await client.aclose()
+
+    with pytest.raises(redis.ConnectionError) as araised:
+        asyncio.run(ping())
+    for error in (raised.value, araised.value):
+        assert "names a master for 'main'" in str(error)
+        assert "pw" not in str(error)
