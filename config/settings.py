@@ -12,6 +12,7 @@ from dotenv import load_dotenv
 
 from config.env import env_bool, env_float, env_int, env_list, env_str, parse_email_url
 from config.logging import logging_config
+from jobs.redis_clients import RedisUrlError, check_redis_url
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 # Local state of a development run (embedded SQLite, private Redis, demo key); never committed.
@@ -124,7 +125,12 @@ DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # --- Redis -------------------------------------------------------------------------------------
+# One server (`redis://...`) or a Sentinel set (`redis+sentinel://...`): jobs/redis_clients.py.
 REDIS_URL = env_str("REDIS_URL", "redis://127.0.0.1:6379/0")
+try:
+    check_redis_url(REDIS_URL)
+except RedisUrlError as exc:
+    raise ImproperlyConfigured(f"REDIS_URL: {exc}") from exc
 JOBS_REDIS_PREFIX = env_str("JOBS_REDIS_PREFIX", "jobs")
 if not re.fullmatch(r"[A-Za-z0-9_\-.]{1,24}", JOBS_REDIS_PREFIX):
     raise ImproperlyConfigured("JOBS_REDIS_PREFIX must be 1-24 characters of [A-Za-z0-9_-.]")

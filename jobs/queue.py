@@ -73,6 +73,7 @@ from django.conf import settings
 
 from jobs import counters
 from jobs.models import PRIORITY_MAX, PRIORITY_MIN, Job
+from jobs.redis_clients import async_redis, sync_redis
 from realtime.hub import auth_channel
 
 LUA_DIR = Path(__file__).with_name("lua")
@@ -201,6 +202,10 @@ class Circuit:
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def parse_cluster_enabled(raw: Mapping[str, Any]) -> bool:
+    return str(raw.get("cluster_enabled", 0)) == "1"
 
 
 def parse_claim(raw: list[Any]) -> Claimed:
@@ -467,6 +472,11 @@ class Queue:
     def ping(self) -> Any:
         return self.client.ping()
 
+    def cluster_info(self) -> Any:
+        """`INFO cluster` (`parse_cluster_enabled`): whether the server is a Redis Cluster node,
+        which the queue does not support yet (its scripts span tenants' keys)."""
+        return self.client.info("cluster")
+
     def set_tenant_limit(self, tenant: str, limit: int | None) -> Any:
         if limit is None:
             return self.client.hdel(self.keys.limits, tenant)
@@ -715,7 +725,7 @@ class Queue:
 @cache
 def sync_client() -> redis.Redis:
     """The API process's Redis client (a connection pool shared by its threads)."""
-    return redis.Redis.from_url(
+    return sync_redis(
         settings.REDIS_URL, socket_timeout=2, socket_connect_timeout=2, health_check_interval=30
     )
 
@@ -734,7 +744,7 @@ def async_queue() -> Queue:
     if queue is None or queue.prefix != settings.JOBS["REDIS_PREFIX"]:
         for old in [key for key in _async_queues if key.is_closed()]:
             del _async_queues[old]
-        client = aioredis.Redis.from_url(
+        client = async_redis(
             settings.REDIS_URL, socket_timeout=2, socket_connect_timeout=2, health_check_interval=30
         )
         queue = _async_queues[loop] = Queue(client)

@@ -34,7 +34,8 @@ from jobs import pg
 from jobs.lifecycle import Outcome, RetryPolicy, WorkerTransitions
 from jobs.models import Job
 from jobs.outcomes import OutcomeWriter, with_db_retries
-from jobs.queue import Queue, close_async_queue, entry_for, parse_claim
+from jobs.queue import Queue, close_async_queue, entry_for, parse_claim, parse_cluster_enabled
+from jobs.redis_clients import async_redis
 from jobs.runner import ProgressReporter, run_attempt
 from jobs.store import JobStore
 from jobs.upkeep import Upkeep
@@ -78,6 +79,10 @@ class WorkerOptions:
     grace_s: float = 30.0
 
 
+class UnsupportedRedis(Exception):
+    """The Redis `REDIS_URL` names cannot hold the queue: waiting would not help."""
+
+
 class Worker:
     """Runs jobs until stopped (SIGTERM/SIGINT), or until idle with `burst`."""
 
@@ -90,7 +95,7 @@ class Worker:
     ):
         self.options = options
         self.name = options.name
-        self.redis = redis_client or aioredis.Redis.from_url(
+        self.redis = redis_client or async_redis(
             settings.REDIS_URL, socket_timeout=None, socket_connect_timeout=5
         )
         self.queue = queue_class(self.redis)
@@ -121,7 +126,14 @@ class Worker:
         """Run until stopped; returns the process exit code (0 for a clean stop, 1 if a side
         task died)."""
         self._log("started concurrency=%s burst=%s", self.options.concurrency, self.options.burst)
-        await self._start_up()
+        try:
+            await self._start_up()
+        except UnsupportedRedis as exc:
+            self._log("%s", exc, level=logging.ERROR)
+            self.jobs.close()
+            await pg.close_pools()
+            await self.redis.aclose()
+            return 2
         side_tasks = {
             "heartbeat": self._heartbeat_forever(),
             "upkeep": self.upkeep.run_forever(),
@@ -181,6 +193,11 @@ class Worker:
         delay = 0.1
         while not self._stop.is_set():
             try:
+                if parse_cluster_enabled(await self.queue.cluster_info()):
+                    raise UnsupportedRedis(
+                        "REDIS_URL names a Redis Cluster node: Redis Cluster is not supported"
+                        " yet; use one server or a Sentinel set (docs/scaling.md)"
+                    )
                 # Claims left under this name by an earlier process that died go back first.
                 await self.queue.requeue(worker=self.name)
                 await self._beat()
@@ -189,6 +206,8 @@ class Worker:
                     await self.upkeep.recover()
                     await self.upkeep.reconcile()
                 return
+            except UnsupportedRedis:
+                raise
             except Exception as exc:
                 self._log(
                     "start-up failed (%s); retrying in %.1fs", exc, delay, level=logging.WARNING

@@ -18,15 +18,17 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
-import redis.asyncio as aioredis
 from django.conf import settings
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+
+from jobs.redis_clients import async_redis, on_master
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -43,6 +45,8 @@ SEND_BUFFER = "jobqueue.send_buffer"
 SUBSCRIBE_TIMEOUT_S = 5.0
 READ_TIMEOUT_S = 5.0
 READ_BATCH = 100
+# How often a hub on a Sentinel set checks that its connection is still on the master.
+MASTER_CHECK_S = 1.0
 
 
 def updates_channel(prefix: str, tenant: str) -> str:
@@ -87,6 +91,10 @@ class Listener(Protocol):
 @dataclass(eq=False)
 class _Channel:
     listeners: set[Listener] = field(default_factory=set)
+
+
+class MasterMoved(ConnectionError):
+    """The Sentinel set's master is no longer where the hub's connection is."""
 
 
 class Hub:
@@ -241,7 +249,7 @@ class Hub:
         while True:
             # No silent retries: a reconnection must be seen here, because messages published
             # while the connection was down are lost and listeners have to be told.
-            client = aioredis.Redis.from_url(
+            client = async_redis(
                 self.url,
                 socket_connect_timeout=2,
                 socket_keepalive=True,
@@ -264,9 +272,15 @@ class Hub:
                 if self.generation > 1:
                     logger.warning("realtime hub reconnected")
                 attempt = 0
-                await self._read(pubsub)
+                await self._read(client, pubsub)
             except asyncio.CancelledError:
                 raise
+            except MasterMoved as exc:
+                logger.warning("realtime hub: %s; reconnecting", exc)
+                # Other processes may publish on the old master until their own clients notice
+                # (jobs/redis_clients.py, within about MASTER_CHECK_S): listeners are told
+                # again once they all have, so what was published there is read back too.
+                asyncio.get_running_loop().call_later(3 * MASTER_CHECK_S, self._notify_lost)
             except Exception as exc:
                 logger.warning("realtime hub connection lost (%s); reconnecting", exc)
             finally:
@@ -285,9 +299,18 @@ class Hub:
             await asyncio.sleep(RECONNECT_DELAYS_S[min(attempt, len(RECONNECT_DELAYS_S) - 1)])
             attempt += 1
 
-    async def _read(self, pubsub: Any) -> None:
+    async def _read(self, client: Any, pubsub: Any) -> None:
         auth = auth_channel(self.prefix).encode()
+        checked = time.monotonic()
         while True:
+            if time.monotonic() - checked >= MASTER_CHECK_S:
+                # After a Sentinel failover nothing closes this connection to the old master
+                # at once (after SENTINEL FAILOVER it stays a master for some seconds, then
+                # becomes a replica), and what is published on the new one does not reach it
+                # reliably: move, and have listeners told.
+                checked = time.monotonic()
+                if not await on_master(client, pubsub.connection):
+                    raise MasterMoved("the Redis master moved")
             # A bounded wait, so the idle connection's health check runs between reads.
             message = await pubsub.get_message(timeout=READ_TIMEOUT_S)
             if message is None:

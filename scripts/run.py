@@ -39,6 +39,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from config.serve import describe_exit, stop_with_parent_hook  # noqa: E402 - needs ROOT on the path
+from jobs.redis_clients import RedisUrlError, describe_redis_url, sync_redis  # noqa: E402
 
 VAR = Path(os.environ.get("JOBS_VAR_DIR", ROOT / "var")).resolve()
 HOST = os.environ.get("HOST", "127.0.0.1")
@@ -162,8 +163,12 @@ def one_line(error: Exception) -> str:
 # --- Redis ----------------------------------------------------------------------------------------
 def redis_answers(url: str) -> bool:
     try:
-        return bool(redis.Redis.from_url(url, socket_connect_timeout=1).ping())
-    except redis.RedisError:
+        client = sync_redis(url, socket_connect_timeout=1, socket_timeout=2)
+        try:
+            return bool(client.ping())
+        finally:
+            client.close()
+    except (redis.RedisError, RedisUrlError):
         return False
 
 
@@ -181,10 +186,11 @@ def ensure_redis() -> tuple[str, subprocess.Popen[bytes] | None]:
         url = os.environ["REDIS_URL"]
         if not redis_answers(url):
             raise SetupFailed(
-                f"no Redis answers at REDIS_URL={url}: start it, or unset REDIS_URL to let"
+                f"no Redis answers at REDIS_URL={describe_redis_url(url)}: start it, or unset"
+                " REDIS_URL to let"
                 " `make run` start a private redis-server under var/"
             )
-        say(f"Redis: {url}")
+        say(f"Redis: {describe_redis_url(url)}")
         return url, None
     server = shutil.which("redis-server")
     if server is None:

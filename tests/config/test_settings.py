@@ -54,6 +54,12 @@ def test_without_https_check_deploy_warns() -> None:
     assert "SECURE_SSL_REDIRECT" in result.stderr + result.stdout
 
 
+def test_an_unreadable_redis_url_stops_the_start() -> None:
+    result = manage("check", DEBUG="1", REDIS_URL="redis+sentinel://127.0.0.1:26379/")
+    assert result.returncode != 0
+    assert "REDIS_URL: a redis+sentinel URL ends with /<master name>[/<db>]" in result.stderr
+
+
 def test_secret_key_is_required_when_debug_is_off() -> None:
     result = manage("check", DEBUG="0")
     assert result.returncode != 0

@@ -1,7 +1,8 @@
 """`Queue` (jobs/queue.py) is the only module that knows Redis keys and commands, with the
 realtime hub (realtime/hub.py) for its pub/sub connection: no other module of the app builds a
 key name from the prefix or calls a Redis command. A scan of the source, so a new leak fails
-here rather than in review."""
+here rather than in review. And every Redis client, of the app and of `scripts/`, is made by
+jobs/redis_clients.py, the one reader of `REDIS_URL` (a server or a Sentinel set)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,20 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("jobs", "realtime", "dashboard", "config")
 OWNERS = {"jobs/queue.py", "realtime/hub.py"}
+CLIENT_FACTORY = "jobs/redis_clients.py"
+# What makes a redis-py client or pool: `Redis.from_url(...)`, `Redis(...)`, `Sentinel(...)`...
+CONSTRUCTORS = frozenset(
+    [
+        "from_url",
+        "from_pool",
+        "master_for",
+        "slave_for",
+        "Redis",
+        "StrictRedis",
+        "Sentinel",
+        "ConnectionPool",
+    ]
+)
 
 # redis-py command methods. Names that are also common elsewhere (dict.get, Event.set,
 # QuerySet.delete...) count only when called on something named like a Redis handle.
@@ -59,13 +74,46 @@ def leaks(source: str) -> list[str]:
     return [f"{line}: {what}" for line, what in sorted(found)]
 
 
-def app_modules() -> list[str]:
+def constructions(source: str) -> list[str]:
+    """The lines of the source that make a Redis client or connection pool."""
+    found: list[tuple[int, str]] = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Call):
+            func = node.func
+            name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+            if name in CONSTRUCTORS:
+                found.append((node.lineno, ast.unparse(node)[:80]))
+    return [f"{line}: {what}" for line, what in sorted(found)]
+
+
+def app_modules(packages: tuple[str, ...] = PACKAGES) -> list[str]:
     return sorted(
         path.relative_to(ROOT).as_posix()
-        for package in PACKAGES
+        for package in packages
         for path in (ROOT / package).rglob("*.py")
         if "migrations" not in path.parts
     )
+
+
+def test_only_the_factory_makes_redis_clients() -> None:
+    found = {
+        module: constructions((ROOT / module).read_text())
+        for module in app_modules((*PACKAGES, "scripts"))
+        if module != CLIENT_FACTORY
+    }
+    assert {module: lines for module, lines in found.items() if lines} == {}
+    assert constructions((ROOT / CLIENT_FACTORY).read_text())
+
+
+def test_the_scan_finds_each_way_of_making_a_client() -> None:
+    source = """
+def f(url, aioredis, redis, sentinel):
+    redis.Redis.from_url(url)
+    aioredis.Redis(host="h")
+    Sentinel([("h", 1)]).master_for("m")
+    redis.ConnectionPool.from_url(url)
+"""
+    assert [line.split(":")[0] for line in constructions(source)] == ["3", "4", "5", "5", "6"]
 
 
 def test_only_the_queue_and_the_hub_know_redis_keys_and_commands() -> None:

@@ -74,15 +74,41 @@ class Stack:
     def ws_url(self) -> str:
         return f"ws://127.0.0.1:{self.port}/ws"
 
+    def use_redis(self, url: str) -> None:
+        """Point the processes started from now on at `url` (a private server, a Sentinel set)
+        instead of the suite's Redis."""
+        self.env["REDIS_URL"] = url
+
     def start_api(self, *args: str, processes: int = 1) -> subprocess.Popen:
         """`manage.py serve` on a free port (`args`: more of its options); returns the
         supervisor once /health answers."""
         self.port = free_port()
         return self.spawn_api("api", self.port, *args, processes=processes)
 
-    def spawn_api(self, label: str, port: int, *args: str, processes: int = 1) -> subprocess.Popen:
+    def host(self, name: str) -> dict[str, str]:
+        """The environment of a process "on another machine": its own working directory, local
+        state (`JOBS_VAR_DIR`), temporary files and mail directory, under `tmp/hosts/<name>`;
+        only the database, Redis and the settings are shared. Pass it as `env=`."""
+        root = self.tmp / "hosts" / name
+        for sub in ("tmp", "var", "mail"):
+            (root / sub).mkdir(parents=True, exist_ok=True)
+        return {
+            **self.env,
+            "TMPDIR": str(root / "tmp"),
+            "JOBS_VAR_DIR": str(root / "var"),
+            "EMAIL_URL": f"file://{root / 'mail'}",
+        }
+
+    def spawn_api(
+        self,
+        label: str,
+        port: int,
+        *args: str,
+        processes: int = 1,
+        env: dict[str, str] | None = None,
+    ) -> subprocess.Popen:
         """`manage.py serve` on `port`, logged as `label`, once /health answers there (a second
-        API, as on another host, takes a port of its own)."""
+        API, as on another host, takes a port of its own; `env`: `host(...)`'s)."""
         proc = self._spawn(
             label,
             [
@@ -97,15 +123,19 @@ class Stack:
                 str(processes),
                 *args,
             ],
+            env=env,
         )
         url = f"http://127.0.0.1:{port}"
         wait_until(lambda: healthy(url), timeout=30, message=f"{label} did not answer /health")
         return proc
 
-    def start_worker(self, *args: str, name: str = "e2e-worker") -> subprocess.Popen:
+    def start_worker(
+        self, *args: str, name: str = "e2e-worker", env: dict[str, str] | None = None
+    ) -> subprocess.Popen:
         return self._spawn(
             name,
             [sys.executable, str(ROOT / "manage.py"), "runworker_jobs", "--name", name, *args],
+            env=env,
         )
 
     def create_batch(self, key: str, jobs: list[dict[str, Any]]) -> list[str]:
@@ -122,9 +152,17 @@ class Stack:
             ids.extend(response.json()["jobIds"])
         return ids
 
-    def _spawn(self, label: str, cmd: list[str]) -> subprocess.Popen:
+    def _spawn(
+        self, label: str, cmd: list[str], env: dict[str, str] | None = None
+    ) -> subprocess.Popen:
+        """`cmd` logged to `tmp/<label>.log`; with a `host(...)` environment, run from that
+        host's own directory."""
+        env = env or self.env
+        hosts = self.tmp / "hosts"
+        tmpdir = Path(env.get("TMPDIR", "/"))
+        cwd = tmpdir.parent if tmpdir.parent.parent == hosts else ROOT
         log = open(self.tmp / f"{label}.log", "ab")  # noqa: SIM115 - closed with the process
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
         self.processes.append(proc)
         return proc
 
