@@ -238,9 +238,10 @@ def write_row(job: Job, fields: dict[str, Any]) -> Job:
 
 
 # What a finished row says of its last progress (the worker's copy of the job may not have seen
-# the last report, written by the progress reporter, and the final frame must show it) and the
-# cursor the write got.
-Progress = tuple[int | None, str | None, int | None]
+# the last report, written by the progress reporter, and the final frame must show it), the
+# cursor the write got, and whether jobs wait for it (a child created while it ran: its end
+# must settle them, jobs/dependencies.py).
+Progress = tuple[int | None, str | None, int | None, bool]
 
 
 def _written(planned: Planned, written: dict[uuid.UUID, Progress]) -> list[Job | None]:
@@ -253,7 +254,7 @@ def _written(planned: Planned, written: dict[uuid.UUID, Progress]) -> list[Job |
             continue
         for name, value in fields.items():
             setattr(job, name, value)
-        job.progress, job.progress_message, job.cursor = written[job.id]
+        job.progress, job.progress_message, job.cursor, job.dependents_waiting = written[job.id]
         results.append(job)
     return results
 
@@ -276,7 +277,7 @@ def write_outcomes_with_orm(*, planned: Planned) -> list[Job | None]:
     with transaction.atomic():
         ids = [job.id for job, fields in planned if _fenced(job).update(**fields)]
         rows = Job.objects.filter(id__in=ids).values_list(
-            "id", "progress", "progress_message", "cursor"
+            "id", "progress", "progress_message", "cursor", "dependents_waiting"
         )
         return _written(planned, {row[0]: row[1:] for row in rows})
 
@@ -326,7 +327,7 @@ def _finish_statement(planned: Planned) -> tuple[str, list[Any]]:
         FROM (VALUES {", ".join([f"({row})"] * len(planned))})
             AS v(fenced_id, fenced_token, {", ".join(columns)})
         WHERE j.id = v.fenced_id AND j.lease_token = v.fenced_token AND j.status = 'RUNNING'
-        RETURNING j.id, j.progress, j.progress_message, j.cursor
+        RETURNING j.id, j.progress, j.progress_message, j.cursor, j.dependents_waiting
     """
     return sql, params
 

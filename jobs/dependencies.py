@@ -1,0 +1,312 @@
+"""Workflows (SPEC section 13): jobs that run after other jobs complete.
+
+Layout:
+- `Job.depends_on`: the ids a job waits for, as shown on the wire.
+- `JobDependency` (parent, child, open): the edges, read by parent. An edge is `open` while the
+  child's `dependencies_left` counts that parent.
+- `Job.dependencies_left`: how many of a WAITING job's dependencies have not ended.
+- `Job.dependents_waiting`: jobs wait for this one (it has open edges). Set under the parent's
+  row lock when a child is created; cleared when the parent's end is settled.
+
+Creating a job with dependencies (`link`, in the creation's transaction) locks its parents'
+rows (in id order), marks the unfinished ones, and decides the new job's status: WAITING while
+any dependency is unfinished, PENDING when all are COMPLETED, CANCELLED at once when one has
+FAILED or was CANCELLED. A parent that finishes meanwhile waits for that lock, so it sees the
+new edge; a parent that finished first is seen finished.
+
+Settling (`settle`) is what a dependency's end does to its dependents, in set-based statements
+whose cost is proportional to the edges concerned, never to the waiting jobs: a COMPLETED
+parent closes its open edges and takes one off each child's count, and the children at 0 go
+WAITING -> PENDING (3 statements however many children); a FAILED or CANCELLED parent cancels
+every WAITING job below it, down the whole graph, with `error` naming the dependency that ended
+it (one recursive statement). Each parent is settled exactly once: the first statement clears
+its `dependents_waiting` under its row lock, and only the parents it returns are settled.
+
+Who settles: the API's cancel in its own transaction; a worker right after the outcome write
+(a transaction of its own); and the upkeep's sweep (`unsettled`), which finds ended jobs whose
+flag is still set through a small partial index (a crash between the two, a lease recovery, any
+other path that ends a job). The caller publishes what changed after commit.
+
+PostgreSQL only (the statements use arrays, row locks and RETURNING); on SQLite (development) a
+request with `dependsOn` is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from django.db import connection, transaction
+from django.utils import timezone
+
+from jobs.errors import ApiError
+from jobs.models import TERMINAL_STATUSES, Job, JobDependency, JobStatus
+
+MAX_DEPENDENCIES = 100  # per job
+MAX_BATCH_DEPENDENCIES = 10_000  # edges of one batch
+SWEEP_LIMIT = 500
+VALIDATION_FAILED = "Validation failed"
+BATCH_REF = re.compile(r"\$(\d{1,4})")
+
+TABLE = Job._meta.db_table
+EDGES = JobDependency._meta.db_table
+_FIELDS = [f.attname for f in Job._meta.concrete_fields]
+_COLUMNS = ", ".join(f"j.{f.column}" for f in Job._meta.concrete_fields)
+_TERMINAL = "('COMPLETED', 'FAILED', 'CANCELLED')"
+
+_CLAIM = f"""
+    UPDATE {TABLE} SET dependents_waiting = false
+    WHERE id = ANY(%s::uuid[]) AND dependents_waiting AND status IN {_TERMINAL}
+    RETURNING id, status
+"""
+# One off the count of each WAITING child of the completed parents, their open edges closed.
+# Children are locked in id order (two settlements sharing children cannot deadlock).
+_COUNT_DOWN = f"""
+    WITH closed AS (
+        UPDATE {EDGES} SET open = false
+        WHERE parent_id = ANY(%s::uuid[]) AND open
+        RETURNING child_id
+    ), counted AS (
+        SELECT child_id, count(*) AS n FROM closed GROUP BY child_id
+    ), locked AS (
+        SELECT j.id, c.n FROM {TABLE} AS j JOIN counted AS c ON c.child_id = j.id
+        WHERE j.status = 'WAITING' ORDER BY j.id FOR NO KEY UPDATE OF j
+    )
+    UPDATE {TABLE} AS j SET dependencies_left = greatest(j.dependencies_left - l.n, 0)
+    FROM locked AS l WHERE j.id = l.id
+    RETURNING j.id, j.dependencies_left
+"""
+_RELEASE = f"""
+    UPDATE {TABLE} AS j SET status = 'PENDING', updated_at = %s, run_at = greatest(j.run_at, %s)
+    WHERE j.id = ANY(%s::uuid[]) AND j.status = 'WAITING' AND j.dependencies_left = 0
+    RETURNING {_COLUMNS}
+"""
+# Every WAITING job reachable from the ended parents by open edges, cancelled; each names one
+# of its own dependencies that ended it. UNION keeps each edge once however many paths reach it.
+_CANCEL_DOWN = f"""
+    WITH RECURSIVE reach(parent_id, child_id, parent_status) AS (
+        SELECT e.parent_id, e.child_id, p.status::text
+        FROM {EDGES} AS e JOIN {TABLE} AS p ON p.id = e.parent_id
+        WHERE e.parent_id = ANY(%s::uuid[]) AND e.open
+      UNION
+        SELECT e.parent_id, e.child_id, 'CANCELLED'::text
+        FROM reach AS r JOIN {EDGES} AS e ON e.parent_id = r.child_id AND e.open
+    ), closed AS (
+        UPDATE {EDGES} AS e SET open = false FROM reach AS r
+        WHERE e.parent_id = r.parent_id AND e.child_id = r.child_id AND e.open
+    ), victims AS (
+        SELECT DISTINCT ON (child_id) child_id, parent_id, parent_status
+        FROM reach ORDER BY child_id, parent_id
+    ), locked AS (
+        SELECT j.id FROM {TABLE} AS j JOIN victims AS v ON v.child_id = j.id
+        WHERE j.status = 'WAITING' ORDER BY j.id FOR NO KEY UPDATE OF j
+    )
+    UPDATE {TABLE} AS j SET status = 'CANCELLED', dependencies_left = 0,
+        dependents_waiting = false, finished_at = %s, updated_at = %s,
+        error = 'dependency ' || v.parent_id::text
+            || CASE WHEN v.parent_status = 'FAILED' THEN ' failed' ELSE ' was cancelled' END
+    FROM victims AS v, locked AS l
+    WHERE j.id = v.child_id AND l.id = v.child_id
+    RETURNING {_COLUMNS}
+"""
+_UNSETTLED = f"""
+    SELECT id FROM {TABLE} WHERE dependents_waiting AND status IN {_TERMINAL} LIMIT %s
+"""
+_RESULTS = f"SELECT id, result FROM {TABLE} WHERE id = ANY(%s::uuid[]) AND tenant_id = %s"
+
+
+def supported() -> bool:
+    return connection.vendor == "postgresql"
+
+
+# --- creation -------------------------------------------------------------------------------------
+def parse_ref(value: str, *, index: int | None) -> str:
+    """One `dependsOn` entry as stored: a job id (canonical UUID text), or `$<n>` naming an
+    earlier item of the same batch (`index` is the item's own; None outside a batch).
+    Raises ValueError with a message for the client."""
+    match = BATCH_REF.fullmatch(value)
+    if match is not None:
+        if index is None:
+            raise ValueError("$<index> references are only allowed in POST /jobs/batch")
+        if int(match.group(1)) >= index:
+            raise ValueError("$<index> must name an earlier item of the batch")
+        return f"${int(match.group(1))}"
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        raise ValueError("must be a job id (UUID) or $<index> of an earlier batch item") from None
+
+
+def _ended(job_id: uuid.UUID, status: str) -> str:
+    return f"dependency {job_id} {'failed' if status == JobStatus.FAILED else 'was cancelled'}"
+
+
+def link(
+    *,
+    tenant_id: str,
+    jobs: Sequence[Job],
+    depends_on: Sequence[Sequence[str]],
+    locs: Sequence[tuple[Any, ...]],
+    now: datetime,
+) -> list[JobDependency]:
+    """Inside the creation's transaction, before the INSERT: set each new job's dependencies,
+    count and status (WAITING, PENDING or CANCELLED) from its parents' current states, and
+    return the edges to insert after the jobs. `depends_on[i]` holds `parse_ref` values; an
+    unknown id, or another tenant's, is the same 400 (nothing tells them apart)."""
+    external = sorted({ref for refs in depends_on for ref in refs if not ref.startswith("$")})
+    statuses: dict[str, str] = {}
+    if external:
+        # Locked in id order; the unfinished ones are marked, so that their end settles us.
+        rows = list(
+            Job.objects.select_for_update(no_key=True)
+            .filter(tenant_id=tenant_id, id__in=external)
+            .order_by("id")
+            .values_list("id", "status")
+        )
+        statuses = {str(job_id): status for job_id, status in rows}
+        unfinished = [job_id for job_id, status in rows if status not in TERMINAL_STATUSES]
+        if unfinished:
+            Job.objects.filter(id__in=unfinished, dependents_waiting=False).update(
+                dependents_waiting=True
+            )
+    edges: list[JobDependency] = []
+    for job, refs, loc in zip(jobs, depends_on, locs, strict=True):
+        parents: list[tuple[uuid.UUID, str]] = []
+        for position, ref in enumerate(refs):
+            if ref.startswith("$"):
+                parent = jobs[int(ref[1:])]
+                parents.append((parent.id, parent.status))
+            elif ref in statuses:
+                parents.append((uuid.UUID(ref), statuses[ref]))
+            else:
+                field_name = ".".join(str(part) for part in (*loc, "dependsOn", position))
+                raise ApiError(
+                    400, VALIDATION_FAILED, [{"field": field_name, "message": "no such job"}]
+                )
+        job.depends_on = [str(parent_id) for parent_id, _ in parents]
+        broken = next(
+            ((pid, s) for pid, s in parents if s in TERMINAL_STATUSES and s != "COMPLETED"),
+            None,
+        )
+        left = sum(1 for _, status in parents if status not in TERMINAL_STATUSES)
+        if broken is not None:
+            job.status, job.error, job.finished_at = JobStatus.CANCELLED, _ended(*broken), now
+            left = 0
+        elif left:
+            job.status, job.dependencies_left = JobStatus.WAITING, left
+        for parent_id, status in parents:
+            counted = broken is None and status not in TERMINAL_STATUSES
+            edges.append(JobDependency(parent_id=parent_id, child_id=job.id, open=counted))
+        if broken is None:
+            for ref in refs:
+                if ref.startswith("$"):
+                    jobs[int(ref[1:])].dependents_waiting = True
+    return edges
+
+
+def check_batch_size(depends_on: Sequence[Sequence[str]]) -> None:
+    total = sum(len(refs) for refs in depends_on)
+    if total > MAX_BATCH_DEPENDENCIES:
+        raise ApiError(
+            400,
+            VALIDATION_FAILED,
+            [
+                {
+                    "field": "jobs",
+                    "message": f"a batch names at most {MAX_BATCH_DEPENDENCIES} dependencies "
+                    f"in all (got {total})",
+                }
+            ],
+        )
+
+
+# --- settling -------------------------------------------------------------------------------------
+@dataclass(slots=True)
+class Settled:
+    """What settling changed: children released to PENDING, jobs cancelled down the graph."""
+
+    released: list[Job] = field(default_factory=list)
+    cancelled: list[Job] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.released or self.cancelled)
+
+    def extend(self, other: Settled) -> None:
+        self.released.extend(other.released)
+        self.cancelled.extend(other.cancelled)
+
+
+_JSON_POSITIONS = [
+    i for i, f in enumerate(Job._meta.concrete_fields) if f.get_internal_type() == "JSONField"
+]
+
+
+def _json(value: Any) -> Any:
+    # Django's own connections hand jsonb over as text (its fields decode it, raw rows do not).
+    return json.loads(value) if isinstance(value, str) else value
+
+
+def _jobs(rows: list[Sequence[Any]]) -> list[Job]:
+    jobs = []
+    for row in rows:
+        values = list(row)
+        for position in _JSON_POSITIONS:
+            values[position] = _json(values[position])
+        jobs.append(Job.from_db("default", _FIELDS, values))
+    return jobs
+
+
+def settle(parent_ids: Sequence[uuid.UUID | str]) -> Settled:
+    """Settle the dependents of these ended jobs, in the caller's transaction (one of its own
+    outside one). Parents not ended, or already settled, are skipped."""
+    settled = Settled()
+    if not parent_ids or not supported():
+        return settled
+    ids = sorted({str(job_id) for job_id in parent_ids})
+    now = timezone.now()
+    with transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute(_CLAIM, [ids])
+        claimed = cursor.fetchall()
+        completed = [job_id for job_id, status in claimed if status == JobStatus.COMPLETED]
+        ended = [job_id for job_id, status in claimed if status != JobStatus.COMPLETED]
+        if completed:
+            cursor.execute(_COUNT_DOWN, [completed])
+            ready = [job_id for job_id, left in cursor.fetchall() if left == 0]
+            if ready:
+                cursor.execute(_RELEASE, [now, now, ready])
+                settled.released = _jobs(cursor.fetchall())
+        if ended:
+            cursor.execute(_CANCEL_DOWN, [ended, now, now])
+            settled.cancelled = _jobs(cursor.fetchall())
+    return settled
+
+
+def unsettled(*, limit: int = SWEEP_LIMIT) -> list[uuid.UUID]:
+    """Ended jobs whose dependents are not settled yet (read through a partial index)."""
+    if not supported():
+        return []
+    with connection.cursor() as cursor:
+        cursor.execute(_UNSETTLED, [limit])
+        return [row[0] for row in cursor.fetchall()]
+
+
+def sweep(*, limit: int = SWEEP_LIMIT) -> Settled:
+    """Settle what a crash or another path left: the upkeep's durable follow-up."""
+    return settle(unsettled(limit=limit))
+
+
+# --- running ------------------------------------------------------------------------------------
+def results(job: Job) -> dict[str, Any]:
+    """`ctx.dependency_results`: the job's dependencies' results by id (a dependency pruned
+    since is absent)."""
+    if not job.depends_on:
+        return {}
+    with connection.cursor() as cursor:
+        cursor.execute(_RESULTS, [list(job.depends_on), job.tenant_id])
+        found = {str(job_id): result for job_id, result in cursor.fetchall()}
+    return {job_id: _json(found[job_id]) for job_id in job.depends_on if job_id in found}

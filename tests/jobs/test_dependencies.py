@@ -1,0 +1,272 @@
+"""Workflows (SPEC section 13): jobs that depend on other jobs. Graphs run in order through the
+worker in this process, the release of 1,000 dependents is a few statements in one transaction,
+an ended dependency cancels its whole subtree, and the API validates and replays graphs."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from django.db import connection
+from django.test import Client
+from django.test.utils import CaptureQueriesContext
+from django.utils import timezone
+from pydantic import BaseModel, ConfigDict
+
+from jobs import dependencies, lifecycle
+from jobs.handlers.registry import JobContext, PermanentError, register, unregister
+from jobs.models import Job, JobDependency, JobStatus, Tenant
+from jobs.selectors import tenant_queue_depths
+from jobs.services import JobSpec, job_cancel, job_enqueue, job_enqueue_batch
+from tests.support.api import assert_error, get, post
+from tests.support.worker import run_burst
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+PROBE = "dependency_probe"
+SLEEP = {"type": "sleep", "payload": {"delayMs": 0}}
+
+
+class ProbePayload(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    fail: bool = False
+
+
+@pytest.fixture
+def runs() -> Iterator[list[tuple[str, dict[str, Any]]]]:
+    """A job type that records (name, dependency results) when it runs, in the order run."""
+    seen: list[tuple[str, dict[str, Any]]] = []
+    lock = threading.Lock()
+
+    @register(PROBE, schema=ProbePayload, timeout_s=10)
+    def probe(payload: ProbePayload, ctx: JobContext) -> dict[str, str]:
+        with lock:
+            seen.append((payload.name, dict(ctx.dependency_results)))
+        if payload.fail:
+            raise PermanentError(f"{payload.name} broke")
+        return {"name": payload.name}
+
+    yield seen
+    unregister(PROBE)
+
+
+def probe(tenant: Tenant, name: str, *after: Job, fail: bool = False) -> Job:
+    spec = JobSpec(
+        type=PROBE,
+        payload={"name": name, "fail": fail},
+        depends_on=tuple(str(job.id) for job in after),
+    )
+    job, _ = job_enqueue(tenant=tenant, spec=spec)
+    return job
+
+
+def ready_in_redis(tenant: Tenant) -> int:
+    return tenant_queue_depths(tenant_ids=[tenant.id])[tenant.id].ready
+
+
+def status_of(*jobs: Job) -> list[str]:
+    by_id = dict(Job.objects.filter(id__in=[j.id for j in jobs]).values_list("id", "status"))
+    return [by_id[job.id] for job in jobs]
+
+
+def test_a_diamond_runs_in_order_with_its_dependencies_results(
+    tenant: Tenant, runs: list[tuple[str, dict[str, Any]]]
+) -> None:
+    a = probe(tenant, "A")
+    b = probe(tenant, "B", a)
+    c = probe(tenant, "C", a)
+    d = probe(tenant, "D", b, c)
+    assert status_of(a, b, c, d) == ["PENDING", "WAITING", "WAITING", "WAITING"]
+    # WAITING jobs are in no queue: only A is ready.
+    assert ready_in_redis(tenant) == 1
+
+    run_burst()
+
+    assert status_of(a, b, c, d) == ["COMPLETED"] * 4
+    order = [name for name, _ in runs]
+    assert order[0] == "A" and order[-1] == "D" and sorted(order[1:3]) == ["B", "C"]
+    results = dict(runs)
+    assert results["B"] == {str(a.id): {"name": "A"}}
+    assert results["D"] == {str(b.id): {"name": "B"}, str(c.id): {"name": "C"}}
+    assert Job.objects.get(id=d.id).depends_on == [str(b.id), str(c.id)]
+
+
+def test_a_failed_dependency_cancels_the_whole_subtree_naming_the_dependency(
+    tenant: Tenant, runs: list[tuple[str, dict[str, Any]]]
+) -> None:
+    a = probe(tenant, "A", fail=True)
+    b = probe(tenant, "B", a)
+    c = probe(tenant, "C", b)
+    d = probe(tenant, "D", a, c)
+    unrelated = probe(tenant, "E")
+
+    run_burst()
+
+    assert [name for name, _ in runs] == ["A", "E"] or [n for n, _ in runs] == ["E", "A"]
+    assert status_of(a, b, c, d, unrelated) == [
+        "FAILED",
+        "CANCELLED",
+        "CANCELLED",
+        "CANCELLED",
+        "COMPLETED",
+    ]
+    errors = dict(Job.objects.filter(id__in=[b.id, c.id, d.id]).values_list("id", "error"))
+    assert errors[b.id] == f"dependency {a.id} failed"
+    assert errors[c.id] == f"dependency {b.id} was cancelled"
+    # D waited for A and C: either names an ended dependency.
+    assert errors[d.id] in (f"dependency {a.id} failed", f"dependency {c.id} was cancelled")
+    assert not JobDependency.objects.filter(open=True).exists()
+
+
+def test_cancelling_a_waiting_job_cancels_its_dependents_and_spares_its_parent(
+    client: Client, api_key: str, tenant: Tenant, runs: list[tuple[str, dict[str, Any]]]
+) -> None:
+    a = probe(tenant, "A")
+    b = probe(tenant, "B", a)
+    c = probe(tenant, "C", b)
+
+    response = post(client, f"/jobs/{b.id}/cancel", {}, api_key)
+
+    assert response.status_code == 200, response.content
+    assert response.json()["status"] == "CANCELLED"
+    assert status_of(a, b, c) == ["PENDING", "CANCELLED", "CANCELLED"]
+    assert Job.objects.get(id=c.id).error == f"dependency {b.id} was cancelled"
+    run_burst()
+    assert [name for name, _ in runs] == ["A"]
+    assert status_of(a, b, c) == ["COMPLETED", "CANCELLED", "CANCELLED"]
+
+
+def test_cancelling_a_running_parent_cancels_its_dependents(tenant: Tenant) -> None:
+    parent, _ = job_enqueue(tenant=tenant, spec=JobSpec(**SLEEP))  # type: ignore[arg-type]
+    child = probe(tenant, "child", parent)
+    Job.objects.filter(id=parent.id).update(status=JobStatus.RUNNING)
+
+    job_cancel(tenant=tenant, job_id=parent.id)
+
+    assert status_of(child) == ["CANCELLED"]
+    assert Job.objects.get(id=child.id).error == f"dependency {parent.id} was cancelled"
+
+
+def test_ended_dependencies_at_creation_count_as_done_or_cancel_at_once(tenant: Tenant) -> None:
+    done = probe(tenant, "done")
+    failed = probe(tenant, "failed")
+    Job.objects.filter(id=done.id).update(status=JobStatus.COMPLETED)
+    Job.objects.filter(id=failed.id).update(status=JobStatus.FAILED)
+
+    ready = probe(tenant, "ready", done)
+    doomed = probe(tenant, "doomed", done, failed)
+
+    assert status_of(ready, doomed) == ["PENDING", "CANCELLED"]
+    assert Job.objects.get(id=doomed.id).error == f"dependency {failed.id} failed"
+    assert ready_in_redis(tenant) == 3  # done, failed (made by hand) and ready
+
+
+def test_1000_children_of_one_parent_are_released_in_one_transaction(tenant: Tenant) -> None:
+    parent = probe(tenant, "parent")
+    children = job_enqueue_batch(
+        tenant=tenant,
+        specs=[JobSpec(**SLEEP, depends_on=(str(parent.id),))] * 1000,  # type: ignore[arg-type]
+    )
+    assert {job.status for job in children} == {JobStatus.WAITING}
+    Job.objects.filter(id=parent.id).update(status=JobStatus.COMPLETED)
+
+    started = time.perf_counter()
+    with CaptureQueriesContext(connection) as queries:
+        settled = dependencies.settle([parent.id])
+    elapsed_ms = (time.perf_counter() - started) * 1000
+    lifecycle.publish_settled(settled)
+
+    statements = [q["sql"].strip() for q in queries.captured_queries]
+    print(f"released 1000 children: {len(statements) - 2} statements, {elapsed_ms:.1f} ms")
+    # One transaction: claim the parent, count down its children, release the ones at 0.
+    assert statements[0] == "BEGIN" and statements[-1] == "COMMIT"
+    assert len(statements) == 2 + 3
+    assert len(settled.released) == 1000 and not settled.cancelled
+    assert Job.objects.filter(status=JobStatus.PENDING, tenant=tenant).count() == 1000
+    assert ready_in_redis(tenant) == 1001  # the parent was completed by hand
+    # Settled once: a second settlement (the sweep) finds nothing to do.
+    assert not dependencies.settle([parent.id]) and dependencies.unsettled() == []
+
+
+def test_a_dependency_ended_without_settling_is_settled_by_the_sweep(
+    tenant: Tenant, runs: list[tuple[str, dict[str, Any]]]
+) -> None:
+    parent = probe(tenant, "parent")
+    child = probe(tenant, "child", parent)
+    # An end written by a path that did not settle (a crash right after the final write).
+    Job.objects.filter(id=parent.id).update(status=JobStatus.COMPLETED, finished_at=timezone.now())
+    assert dependencies.unsettled() == [parent.id]
+
+    run_burst()  # a burst settles at start-up, then runs what it released
+
+    assert status_of(child) == ["COMPLETED"]
+    assert dependencies.unsettled() == []
+
+
+# --- the API --------------------------------------------------------------------------------------
+def test_job_on_the_wire_shows_depends_on_and_waiting(
+    client: Client, api_key: str, tenant: Tenant
+) -> None:
+    parent = post(client, "/jobs", SLEEP, api_key).json()
+    response = post(client, "/jobs", {**SLEEP, "dependsOn": [parent["id"]]}, api_key)
+    assert response.status_code == 201, response.content
+    body = response.json()
+    assert body["status"] == "WAITING" and body["dependsOn"] == [parent["id"]]
+    assert post(client, "/jobs", SLEEP, api_key).json()["dependsOn"] == []
+
+    listed = get(client, "/jobs", api_key, status="WAITING").json()
+    assert [job["id"] for job in listed["jobs"]] == [body["id"]]
+    stats = get(client, "/stats", api_key).json()
+    assert stats["jobs"]["WAITING"] == 1 and stats["jobs"]["PENDING"] == 2
+
+
+def test_graph_batch_with_references_is_idempotent(
+    client: Client, api_key: str, tenant: Tenant
+) -> None:
+    hooks = [
+        {"type": "sleep", "payload": {"delayMs": n}} for n in range(3)
+    ]  # stand-ins for webhooks
+    graph = {"jobs": [*hooks, {**SLEEP, "dependsOn": ["$0", "$1", "$2"]}]}
+
+    first = post(client, "/jobs/batch", graph, api_key, **{"Idempotency-Key": "graph-1"})
+    again = post(client, "/jobs/batch", graph, api_key, **{"Idempotency-Key": "graph-1"})
+    other = post(client, "/jobs/batch", {"jobs": hooks}, api_key, **{"Idempotency-Key": "graph-1"})
+
+    assert first.status_code == 201, first.content
+    assert again.status_code == 200 and again.json() == first.json()
+    assert_error(other, 409, "Idempotency-Key was already used with a different request")
+    ids = first.json()["jobIds"]
+    assert Job.objects.filter(tenant=tenant).count() == 4
+    last = Job.objects.get(id=ids[3])
+    assert last.status == JobStatus.WAITING and last.depends_on == ids[:3]
+    assert last.dependencies_left == 3
+
+
+def test_dependency_validation(
+    client: Client, api_key: str, tenant: Tenant, other_tenant: Tenant
+) -> None:
+    theirs, _ = job_enqueue(tenant=other_tenant, spec=JobSpec(**SLEEP))  # type: ignore[arg-type]
+    unknown = str(uuid.uuid4())
+
+    for ref in (unknown, str(theirs.id)):
+        body = assert_error(post(client, "/jobs", {**SLEEP, "dependsOn": [ref]}, api_key), 400)
+        # The other tenant's job is answered exactly like a job that does not exist.
+        assert body["details"] == [{"field": "dependsOn.0", "message": "no such job"}]
+    forward = {"jobs": [SLEEP, {**SLEEP, "dependsOn": ["$5"]}]}
+    body = assert_error(post(client, "/jobs/batch", forward, api_key), 400)
+    assert body["details"][0]["field"] == "jobs.1.dependsOn.0"
+    assert "earlier item" in body["details"][0]["message"]
+    itself = {"jobs": [{**SLEEP, "dependsOn": ["$0"]}]}
+    assert_error(post(client, "/jobs/batch", itself, api_key), 400)
+    assert_error(post(client, "/jobs", {**SLEEP, "dependsOn": ["$0"]}, api_key), 400)
+    assert_error(post(client, "/jobs", {**SLEEP, "dependsOn": ["nope"]}, api_key), 400)
+    many = [str(uuid.uuid4()) for _ in range(101)]
+    assert_error(post(client, "/jobs", {**SLEEP, "dependsOn": many}, api_key), 400)
+    assert not Job.objects.filter(tenant=tenant).exists()
+    assert Job.objects.get(id=theirs.id).dependents_waiting is False
