@@ -22,7 +22,7 @@ from jobs.handlers.registry import JobContext, PermanentError, register, unregis
 from jobs.models import Job, JobDependency, JobStatus, Tenant
 from jobs.selectors import tenant_queue_depths
 from jobs.services import JobSpec, job_cancel, job_enqueue, job_enqueue_batch
-from tests.support.api import assert_error, get, post
+from tests.support.api import asgi_api, assert_error, get, post
 from tests.support.worker import run_burst
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -270,3 +270,37 @@ def test_dependency_validation(
     assert_error(post(client, "/jobs", {**SLEEP, "dependsOn": many}, api_key), 400)
     assert not Job.objects.filter(tenant=tenant).exists()
     assert Job.objects.get(id=theirs.id).dependents_waiting is False
+
+
+def test_admin_job_page_shows_parents_and_children(admin_client: Client, tenant: Tenant) -> None:
+    parent = probe(tenant, "parent")
+    child = probe(tenant, "child", parent)
+
+    parent_page = admin_client.get(f"/admin/jobs/job/{parent.id}/change/").content.decode()
+    child_page = admin_client.get(f"/admin/jobs/job/{child.id}/change/").content.decode()
+    waiting_list = admin_client.get("/admin/jobs/job/", {"status__exact": "WAITING"})
+
+    assert f"/admin/jobs/job/{child.id}/change/" in parent_page and "WAITING" in parent_page
+    assert f"/admin/jobs/job/{parent.id}/change/" in child_page and "PENDING" in child_page
+    assert str(child.id) in waiting_list.content.decode()
+    assert str(parent.id) not in waiting_list.content.decode()
+
+
+async def test_the_event_loop_path_creates_and_shows_dependencies(
+    settings: Any, api_key: str, tenant: Tenant
+) -> None:
+    settings.JOBS = {**settings.JOBS, "API_STORE": "postgres"}
+    async with asgi_api(api_key) as api:
+        parent = (await api.post("/jobs", json=SLEEP)).json()
+        created = await api.post("/jobs", json={**SLEEP, "dependsOn": [parent["id"]]})
+        graph = await api.post(
+            "/jobs/batch", json={"jobs": [SLEEP, {**SLEEP, "dependsOn": ["$0", parent["id"]]}]}
+        )
+        child = (await api.get(f"/jobs/{created.json()['id']}")).json()
+        last = (await api.get(f"/jobs/{graph.json()['jobIds'][1]}")).json()
+
+    assert created.status_code == 201 and created.json()["status"] == "WAITING"
+    assert child["status"] == "WAITING" and child["dependsOn"] == [parent["id"]]
+    assert graph.status_code == 201, graph.text
+    assert last["dependsOn"] == [graph.json()["jobIds"][0], parent["id"]]
+    assert parent["dependsOn"] == []
