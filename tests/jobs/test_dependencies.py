@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from django.core import mail
 from django.db import connection
 from django.test import Client
 from django.test.utils import CaptureQueriesContext
@@ -304,3 +305,30 @@ async def test_the_event_loop_path_creates_and_shows_dependencies(
     assert graph.status_code == 201, graph.text
     assert last["dependsOn"] == [graph.json()["jobIds"][0], parent["id"]]
     assert parent["dependsOn"] == []
+
+
+def test_an_email_after_its_dependencies_carries_their_results(tenant: Tenant) -> None:
+    sums = [
+        job_enqueue(
+            tenant=tenant,
+            spec=JobSpec(type="data_processing", payload={"values": [n, 1], "operations": ["sum"]}),
+        )[0]
+        for n in (1, 2)
+    ]
+    email = {
+        "to": "ops@example.com",
+        "subject": "sums",
+        "body": "Both done.",
+        "includeDependencyResults": True,
+    }
+    job_enqueue(
+        tenant=tenant,
+        spec=JobSpec(type="email", payload=email, depends_on=tuple(str(j.id) for j in sums)),
+    )
+
+    run_burst()
+
+    assert len(mail.outbox) == 1
+    body = mail.outbox[0].body
+    assert body.startswith("Both done.\n\nResults of the jobs this email waited for:\n")
+    assert f'{sums[0].id}: {{"sum": 2.0}}' in body and f'{sums[1].id}: {{"sum": 3.0}}' in body
