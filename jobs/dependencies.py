@@ -15,12 +15,14 @@ FAILED or was CANCELLED. A parent that finishes meanwhile waits for that lock, s
 new edge; a parent that finished first is seen finished.
 
 Settling (`settle`) is what a dependency's end does to its dependents, in set-based statements
-whose cost is proportional to the edges concerned, never to the waiting jobs: a COMPLETED
-parent closes its open edges and takes one off each child's count, and the children at 0 go
-WAITING -> PENDING (3 statements however many children); a FAILED or CANCELLED parent cancels
-every WAITING job below it, down the whole graph, with `error` naming the dependency that ended
-it (one recursive statement). Each parent is settled exactly once: the first statement clears
-its `dependents_waiting` under its row lock, and only the parents it returns are settled.
+whose cost is proportional to the edges concerned, never to the waiting jobs (ids travel as
+arrays, read by primary key or by the edges' parent index): a COMPLETED parent closes its open
+edges, takes one off each child's count, and the children at 0 go WAITING -> PENDING (4
+statements with the claim, however many children); a FAILED or CANCELLED parent cancels every
+WAITING job below it, down the whole graph, with `error` naming the dependency that ended it (a
+recursive read of the subtree, then its edges closed and its jobs cancelled: 4 or 5 statements,
+however deep). Each parent is settled exactly once: the first statement clears its
+`dependents_waiting` under its row lock, and only the parents it returns are settled.
 
 Who settles: the API's cancel in its own transaction; a worker right after the outcome write
 (a transaction of its own); and the upkeep's sweep (`unsettled`), which finds ended jobs whose
@@ -36,6 +38,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -59,60 +62,73 @@ _FIELDS = [f.attname for f in Job._meta.concrete_fields]
 _COLUMNS = ", ".join(f"j.{f.column}" for f in Job._meta.concrete_fields)
 _TERMINAL = "('COMPLETED', 'FAILED', 'CANCELLED')"
 
+# Also turns JIT compilation off for the rest of the transaction: the recursive statements'
+# row estimates are far above the real counts, and compiling them cost more (200 ms) than
+# running them.
+# The status test of the jobs to change, written so that no index on status can serve it: they
+# are found by id, never by a scan of the WAITING jobs (which stale statistics can make look
+# cheap).
+_IS_WAITING = "(j.status = 'WAITING') IS TRUE"
 _CLAIM = f"""
     UPDATE {TABLE} SET dependents_waiting = false
     WHERE id = ANY(%s::uuid[]) AND dependents_waiting AND status IN {_TERMINAL}
-    RETURNING id, status
+    RETURNING id, status, set_config('jit', 'off', true)
 """
-# One off the count of each WAITING child of the completed parents, their open edges closed.
-# Children are locked in id order (two settlements sharing children cannot deadlock).
+# The open edges of the completed parents, closed: one child id per edge.
+_CLOSE_EDGES = f"""
+    UPDATE {EDGES} SET open = false WHERE parent_id = ANY(%s::uuid[]) AND open
+    RETURNING child_id
+"""
+# Each WAITING child counted down by its closed edges. The ids come as arrays written into the
+# statement, so the planner knows their number and reads the children by primary key.
 _COUNT_DOWN = f"""
-    WITH closed AS (
-        UPDATE {EDGES} SET open = false
-        WHERE parent_id = ANY(%s::uuid[]) AND open
-        RETURNING child_id
-    ), counted AS (
-        SELECT child_id, count(*) AS n FROM closed GROUP BY child_id
-    ), locked AS (
-        SELECT j.id, c.n FROM {TABLE} AS j JOIN counted AS c ON c.child_id = j.id
-        WHERE j.status = 'WAITING' ORDER BY j.id FOR NO KEY UPDATE OF j
-    )
-    UPDATE {TABLE} AS j SET dependencies_left = greatest(j.dependencies_left - l.n, 0)
-    FROM locked AS l WHERE j.id = l.id
+    UPDATE {TABLE} AS j SET dependencies_left = greatest(j.dependencies_left - v.n, 0)
+    FROM unnest(%s::uuid[], %s::integer[]) AS v(id, n)
+    WHERE j.id = v.id AND {_IS_WAITING}
     RETURNING j.id, j.dependencies_left
 """
 _RELEASE = f"""
     UPDATE {TABLE} AS j SET status = 'PENDING', updated_at = %s, run_at = greatest(j.run_at, %s)
-    WHERE j.id = ANY(%s::uuid[]) AND j.status = 'WAITING' AND j.dependencies_left = 0
+    WHERE j.id = ANY(%s::uuid[]) AND {_IS_WAITING} AND j.dependencies_left = 0
     RETURNING {_COLUMNS}
 """
-# Every WAITING job reachable from the ended parents by open edges, cancelled; each names one
-# of its own dependencies that ended it. UNION keeps each edge once however many paths reach it.
-_CANCEL_DOWN = f"""
+# Every job reachable from the ended parents by open edges, with the dependency that reached
+# it. UNION keeps each edge once however many paths lead to it; OFFSET 0 keeps the step a
+# lookup of the edge index per job reached (joined as a whole, a deep chain had the planner
+# scan the edges once per level).
+_REACH = f"""
     WITH RECURSIVE reach(parent_id, child_id, parent_status) AS (
         SELECT e.parent_id, e.child_id, p.status::text
         FROM {EDGES} AS e JOIN {TABLE} AS p ON p.id = e.parent_id
         WHERE e.parent_id = ANY(%s::uuid[]) AND e.open
       UNION
         SELECT e.parent_id, e.child_id, 'CANCELLED'::text
-        FROM reach AS r JOIN {EDGES} AS e ON e.parent_id = r.child_id AND e.open
-    ), closed AS (
-        UPDATE {EDGES} AS e SET open = false FROM reach AS r
-        WHERE e.parent_id = r.parent_id AND e.child_id = r.child_id AND e.open
-    ), victims AS (
-        SELECT DISTINCT ON (child_id) child_id, parent_id, parent_status
-        FROM reach ORDER BY child_id, parent_id
-    ), locked AS (
-        SELECT j.id FROM {TABLE} AS j JOIN victims AS v ON v.child_id = j.id
-        WHERE j.status = 'WAITING' ORDER BY j.id FOR NO KEY UPDATE OF j
+        FROM reach AS r CROSS JOIN LATERAL (
+            SELECT parent_id, child_id FROM {EDGES}
+            WHERE parent_id = r.child_id AND open OFFSET 0
+        ) AS e
     )
-    UPDATE {TABLE} AS j SET status = 'CANCELLED', dependencies_left = 0,
-        dependents_waiting = false, finished_at = %s, updated_at = %s,
-        error = 'dependency ' || v.parent_id::text
-            || CASE WHEN v.parent_status = 'FAILED' THEN ' failed' ELSE ' was cancelled' END
-    FROM victims AS v, locked AS l
-    WHERE j.id = v.child_id AND l.id = v.child_id
+    SELECT parent_id, child_id, parent_status FROM reach
+"""
+_CLOSE_REACHED = f"""
+    UPDATE {EDGES} AS e SET open = false
+    FROM unnest(%s::uuid[], %s::uuid[]) AS v(parent_id, child_id)
+    WHERE e.parent_id = v.parent_id AND e.child_id = v.child_id AND e.open
+"""
+_CANCEL = f"""
+    UPDATE {TABLE} AS j SET status = 'CANCELLED', dependencies_left = 0, finished_at = %s,
+        updated_at = %s, error = v.error
+    FROM unnest(%s::uuid[], %s::text[]) AS v(id, error)
+    WHERE j.id = v.id AND {_IS_WAITING}
     RETURNING {_COLUMNS}
+"""
+# The cancelled jobs whose own dependents are all settled now. Their rows are locked since the
+# cancel, so no new dependent can appear meanwhile; one created before is seen (its edge is
+# open) and left for the sweep.
+_CLEAR_SETTLED = f"""
+    UPDATE {TABLE} AS j SET dependents_waiting = false
+    WHERE j.id = ANY(%s::uuid[]) AND j.dependents_waiting
+      AND NOT EXISTS (SELECT FROM {EDGES} AS e WHERE e.parent_id = j.id AND e.open)
 """
 _UNSETTLED = f"""
     SELECT id FROM {TABLE} WHERE dependents_waiting AND status IN {_TERMINAL} LIMIT %s
@@ -272,18 +288,53 @@ def settle(parent_ids: Sequence[uuid.UUID | str]) -> Settled:
     with transaction.atomic(), connection.cursor() as cursor:
         cursor.execute(_CLAIM, [ids])
         claimed = cursor.fetchall()
-        completed = [job_id for job_id, status in claimed if status == JobStatus.COMPLETED]
-        ended = [job_id for job_id, status in claimed if status != JobStatus.COMPLETED]
+        completed = [job_id for job_id, status, _ in claimed if status == JobStatus.COMPLETED]
+        ended = [job_id for job_id, status, _ in claimed if status != JobStatus.COMPLETED]
         if completed:
-            cursor.execute(_COUNT_DOWN, [completed])
-            ready = [job_id for job_id, left in cursor.fetchall() if left == 0]
-            if ready:
-                cursor.execute(_RELEASE, [now, now, ready])
-                settled.released = _jobs(cursor.fetchall())
+            settled.released = _release(cursor, completed, now)
         if ended:
-            cursor.execute(_CANCEL_DOWN, [ended, now, now])
-            settled.cancelled = _jobs(cursor.fetchall())
+            settled.cancelled = _cancel_down(cursor, ended, now)
     return settled
+
+
+def _release(cursor: Any, parents: list[uuid.UUID], now: datetime) -> list[Job]:
+    """Close the completed parents' open edges, count their children down, and release the
+    children at 0: three statements whatever the number of children."""
+    cursor.execute(_CLOSE_EDGES, [parents])
+    counts = Counter(str(child_id) for (child_id,) in cursor.fetchall())
+    if not counts:
+        return []
+    children = sorted(counts)
+    cursor.execute(_COUNT_DOWN, [children, [counts[child] for child in children]])
+    ready = sorted(str(job_id) for job_id, left in cursor.fetchall() if left == 0)
+    if not ready:
+        return []
+    cursor.execute(_RELEASE, [now, now, ready])
+    return _jobs(cursor.fetchall())
+
+
+def _cancel_down(cursor: Any, parents: list[uuid.UUID], now: datetime) -> list[Job]:
+    """Cancel every WAITING job below the ended parents, each naming one of its own
+    dependencies that ended it: four statements whatever the size or depth of the subtree."""
+    cursor.execute(_REACH, [parents])
+    reached = cursor.fetchall()
+    if not reached:
+        return []
+    cursor.execute(
+        _CLOSE_REACHED,
+        [[str(parent) for parent, _, _ in reached], [str(child) for _, child, _ in reached]],
+    )
+    # One reason per job: the dependency with the smallest id among those that reached it.
+    reasons: dict[str, str] = {}
+    for parent, child, status in sorted(reached, key=lambda row: (str(row[1]), str(row[0]))):
+        reasons.setdefault(str(child), _ended(parent, status))
+    victims = sorted(reasons)
+    cursor.execute(_CANCEL, [now, now, victims, [reasons[victim] for victim in victims]])
+    cancelled = _jobs(cursor.fetchall())
+    with_dependents = [str(job.id) for job in cancelled if job.dependents_waiting]
+    if with_dependents:
+        cursor.execute(_CLEAR_SETTLED, [with_dependents])
+    return cancelled
 
 
 def unsettled(*, limit: int = SWEEP_LIMIT) -> list[uuid.UUID]:

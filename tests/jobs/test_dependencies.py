@@ -185,9 +185,10 @@ def test_1000_children_of_one_parent_are_released_in_one_transaction(tenant: Ten
 
     statements = [q["sql"].strip() for q in queries.captured_queries]
     print(f"released 1000 children: {len(statements) - 2} statements, {elapsed_ms:.1f} ms")
-    # One transaction: claim the parent, count down its children, release the ones at 0.
+    # One transaction: claim the parent, close its edges, count its children down, release
+    # the ones at 0.
     assert statements[0] == "BEGIN" and statements[-1] == "COMMIT"
-    assert len(statements) == 2 + 3
+    assert len(statements) == 2 + 4
     assert len(settled.released) == 1000 and not settled.cancelled
     assert Job.objects.filter(status=JobStatus.PENDING, tenant=tenant).count() == 1000
     assert ready_in_redis(tenant) == 1001  # the parent was completed by hand
@@ -332,3 +333,21 @@ def test_an_email_after_its_dependencies_carries_their_results(tenant: Tenant) -
     body = mail.outbox[0].body
     assert body.startswith("Both done.\n\nResults of the jobs this email waited for:\n")
     assert f'{sums[0].id}: {{"sum": 2.0}}' in body and f'{sums[1].id}: {{"sum": 3.0}}' in body
+
+
+def test_a_deep_chain_is_cancelled_in_a_fixed_number_of_statements(tenant: Tenant) -> None:
+    specs = [JobSpec(**SLEEP)]  # type: ignore[arg-type]
+    specs += [JobSpec(**SLEEP, depends_on=(f"${i}",)) for i in range(299)]  # type: ignore[arg-type]
+    head, *chain = job_enqueue_batch(tenant=tenant, specs=specs)
+    Job.objects.filter(id=head.id).update(status=JobStatus.FAILED)
+
+    with CaptureQueriesContext(connection) as queries:
+        settled = dependencies.settle([head.id])
+
+    assert len(settled.cancelled) == 299
+    # BEGIN, claim, read the subtree, close its edges, cancel it, clear the flags, COMMIT.
+    assert len(queries) == 7
+    errors = dict(Job.objects.filter(id__in=[j.id for j in chain]).values_list("id", "error"))
+    assert errors[chain[0].id] == f"dependency {head.id} failed"
+    assert errors[chain[-1].id] == f"dependency {chain[-2].id} was cancelled"
+    assert dependencies.unsettled() == []
