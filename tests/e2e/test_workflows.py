@@ -42,7 +42,7 @@ def blocked_in_settling() -> bool:
     with psycopg.connect(pg.conninfo(), autocommit=True) as conn:
         row = conn.execute(
             "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-            "AND query LIKE '%%jobs_jobdependency%%'"
+            "AND query LIKE '%%dependencies_left - v.n%%'"
         ).fetchone()
     return bool(row and row[0])
 
