@@ -62,13 +62,13 @@ _FIELDS = [f.attname for f in Job._meta.concrete_fields]
 _COLUMNS = ", ".join(f"j.{f.column}" for f in Job._meta.concrete_fields)
 _TERMINAL = "('COMPLETED', 'FAILED', 'CANCELLED')"
 
-# Also turns JIT compilation off for the rest of the transaction: the recursive statements'
-# row estimates are far above the real counts, and compiling them cost more (200 ms) than
-# running them.
 # The status test of the jobs to change, written so that no index on status can serve it: they
 # are found by id, never by a scan of the WAITING jobs (which stale statistics can make look
 # cheap).
 _IS_WAITING = "(j.status = 'WAITING') IS TRUE"
+# Claims the ended parents (exactly once: the flag is cleared under the row lock). Also turns
+# JIT compilation off for the rest of the transaction: the recursive statement's row estimates
+# are far above the real counts, and compiling it cost more (200 ms) than running it.
 _CLAIM = f"""
     UPDATE {TABLE} SET dependents_waiting = false
     WHERE id = ANY(%s::uuid[]) AND dependents_waiting AND status IN {_TERMINAL}

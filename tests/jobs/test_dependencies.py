@@ -351,3 +351,19 @@ def test_a_deep_chain_is_cancelled_in_a_fixed_number_of_statements(tenant: Tenan
     assert errors[chain[0].id] == f"dependency {head.id} failed"
     assert errors[chain[-1].id] == f"dependency {chain[-2].id} was cancelled"
     assert dependencies.unsettled() == []
+
+
+def test_released_jobs_whose_redis_push_was_lost_are_queued_by_reconciliation(
+    tenant: Tenant, runs: list[tuple[str, dict[str, Any]]]
+) -> None:
+    parent = probe(tenant, "parent")
+    children = [probe(tenant, f"child-{n}", parent) for n in range(3)]
+    Job.objects.filter(id=parent.id).update(status=JobStatus.COMPLETED)
+    # Released and committed, then the process dies before its Redis call.
+    settled = dependencies.settle([parent.id])
+    assert len(settled.released) == 3 and ready_in_redis(tenant) == 1  # the parent's old entry
+
+    run_burst()  # a burst reconciles at start-up
+
+    assert status_of(*children) == ["COMPLETED"] * 3
+    assert sorted(name for name, _ in runs) == ["child-0", "child-1", "child-2"]
