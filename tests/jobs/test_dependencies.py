@@ -19,11 +19,13 @@ from django.utils import timezone
 from pydantic import BaseModel, ConfigDict
 
 from jobs import dependencies, lifecycle
+from jobs.counts import job_counts
 from jobs.handlers.registry import JobContext, PermanentError, register, unregister
 from jobs.models import Job, JobDependency, JobStatus, Tenant
 from jobs.selectors import tenant_queue_depths
 from jobs.services import JobSpec, job_cancel, job_enqueue, job_enqueue_batch
 from tests.support.api import asgi_api, assert_error, get, post
+from tests.support.updates import listen_to_tenant
 from tests.support.worker import run_burst
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -367,3 +369,22 @@ def test_released_jobs_whose_redis_push_was_lost_are_queued_by_reconciliation(
 
     assert status_of(*children) == ["COMPLETED"] * 3
     assert sorted(name for name, _ in runs) == ["child-0", "child-1", "child-2"]
+
+
+def test_waiting_release_and_cancel_are_broadcast_and_counted(
+    tenant: Tenant, runs: list[tuple[str, dict[str, Any]]]
+) -> None:
+    with listen_to_tenant(tenant.id) as listener:
+        parent = probe(tenant, "parent")
+        child = probe(tenant, "child", parent)
+        doomed_parent = probe(tenant, "doomed-parent", fail=True)
+        doomed = probe(tenant, "doomed", doomed_parent)
+        assert job_counts()[("WAITING", PROBE)] == 2
+
+        run_burst()
+        listener.settle(0.3)
+
+    assert listener.statuses(str(child.id)) == ["WAITING", "PENDING", "RUNNING", "COMPLETED"]
+    assert listener.statuses(str(doomed.id)) == ["WAITING", "CANCELLED"]
+    assert job_counts()[("WAITING", PROBE)] == 0
+    assert job_counts()[("CANCELLED", PROBE)] == 1
