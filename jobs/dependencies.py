@@ -24,10 +24,12 @@ recursive read of the subtree, then its edges closed and its jobs cancelled: 4 o
 however deep). Each parent is settled exactly once: the first statement clears its
 `dependents_waiting` under its row lock, and only the parents it returns are settled.
 
-Who settles: the API's cancel in its own transaction; a worker right after the outcome write
-(a transaction of its own); and the upkeep's sweep (`unsettled`), which finds ended jobs whose
-flag is still set through a small partial index (a crash between the two, a lease recovery, any
-other path that ends a job). The caller publishes what changed after commit.
+Who settles, in the transaction of the final write: the API's cancel, and a worker writing
+outcomes of jobs whose claim showed dependents. A dependent created while its dependency ran
+(the claim showed none) is settled right after the write, in a transaction of its own. The
+upkeep's sweep (`unsettled`) finds ended jobs whose flag is still set through a small partial
+index and settles them: a crash before that follow-up, a lease recovered as FAILED, any other
+path that ends a job. The caller publishes what changed after commit.
 
 PostgreSQL only (the statements use arrays, row locks and RETURNING); on SQLite (development) a
 request with `dependsOn` is refused.

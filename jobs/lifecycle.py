@@ -311,9 +311,16 @@ class WorkerTransitions:
         """Write attempts' outcomes together (one transaction); None where the lease was lost."""
         now = timezone.now()
         planned = [(job, self.policy.after_attempt(job, outcome, now)) for job, outcome in items]
-        written = await self.jobs.write_outcomes(planned=planned)
-        changed = [job for job in written if job is not None]
-        settled = await self._settle(changed)
+        if any(job.dependents_waiting for job, _ in items):
+            # Jobs wait for some of these: their release or cancellation commits with the
+            # outcomes (jobs/dependencies.py).
+            written, settled = await self.jobs.write_outcomes_and_settle(planned=planned)
+            changed = [job for job in written if job is not None]
+        else:
+            written = await self.jobs.write_outcomes(planned=planned)
+            changed = [job for job in written if job is not None]
+            # A dependent created while the job ran: settled right after (or by the sweep).
+            settled = await self._settle(changed)
         await apublish([*changed, *settled.released], queue=self.queue)
         await apublish(settled.cancelled, event=CANCELLED, queue=self.queue)
         # A held job made no attempt: counted as `held`, never as a retry or a failure.
@@ -342,8 +349,9 @@ class WorkerTransitions:
             await apublish([written], queue=self.queue)
 
     async def _settle(self, jobs: Sequence[Job]) -> dependencies.Settled:
-        """Settle the dependents of the jobs that ended, right after their write (a
-        transaction of its own). If this fails or the process dies first, the upkeep's sweep
+        """Settle the dependents of jobs that ended and got a dependent while they ran (their
+        claim said they had none, so their write did not settle): right after the write, in a
+        transaction of its own. If this fails or the process dies first, the upkeep's sweep
         settles them (`settle_unsettled`)."""
         ended = [job.id for job in jobs if job.dependents_waiting and job.status in TERMINAL]
         if not ended:

@@ -27,9 +27,9 @@ from django.db import close_old_connections, connection, transaction
 from django.db.models import F
 from django.utils import timezone
 
-from jobs import cursors, pg
+from jobs import cursors, dependencies, pg
 from jobs.api_store import COLUMNS, job_from_row
-from jobs.models import Job, JobStatus, Tenant
+from jobs.models import TERMINAL_STATUSES, Job, JobStatus, Tenant
 
 if TYPE_CHECKING:
     from jobs.lifecycle import RetryPolicy
@@ -96,6 +96,13 @@ class JobStore:
         if pg.is_postgresql():
             return await awrite_outcomes(planned=planned)
         return await self.call(write_outcomes, planned=planned)
+
+    async def write_outcomes_and_settle(
+        self, *, planned: Planned
+    ) -> tuple[list[Job | None], dependencies.Settled]:
+        """`write_outcomes` and the settling of the ended jobs' dependents in the same
+        transaction (for a batch holding jobs that other jobs wait for)."""
+        return await self.call(write_outcomes_and_settle, planned=planned)
 
     async def set_progress(self, *, job: Job, percent: int, message: str | None) -> Job | None:
         """Store the attempt's progress (fenced by its lease); None if the lease was lost."""
@@ -269,6 +276,19 @@ def write_outcomes(*, planned: Planned) -> list[Job | None]:
         cursor.execute(sql, params)
         written = {row[0]: row[1:] for row in cursor.fetchall()}
     return _written(planned, written)
+
+
+def write_outcomes_and_settle(*, planned: Planned) -> tuple[list[Job | None], Any]:
+    """`write_outcomes`, then the settling of the dependents of the jobs it ended
+    (jobs/dependencies.py), in one transaction: a crash in between loses both or neither."""
+    with transaction.atomic():
+        written = write_outcomes(planned=planned)
+        ended = [
+            job.id
+            for job in written
+            if job is not None and job.dependents_waiting and job.status in TERMINAL_STATUSES
+        ]
+        return written, dependencies.settle(ended)
 
 
 def write_outcomes_with_orm(*, planned: Planned) -> list[Job | None]:

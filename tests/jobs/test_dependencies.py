@@ -388,3 +388,26 @@ def test_waiting_release_and_cancel_are_broadcast_and_counted(
     assert listener.statuses(str(doomed.id)) == ["WAITING", "CANCELLED"]
     assert job_counts()[("WAITING", PROBE)] == 0
     assert job_counts()[("CANCELLED", PROBE)] == 1
+
+
+def test_a_dependent_created_while_its_dependency_runs_is_released(
+    tenant: Tenant, runs: list[tuple[str, dict[str, Any]]]
+) -> None:
+    made: list[Job] = []
+
+    @register("dependency_spawner", schema=ProbePayload, timeout_s=10)
+    def spawner(payload: ProbePayload, ctx: JobContext) -> dict[str, str]:
+        # The claim said no job waits for this one; now one does.
+        made.append(probe(Tenant.objects.get(id=ctx.tenant), "late", Job(id=ctx.job_id)))
+        connection.close()
+        return {"name": payload.name}
+
+    try:
+        job_enqueue(tenant=tenant, spec=JobSpec(type="dependency_spawner", payload={"name": "p"}))
+        run_burst()
+    finally:
+        unregister("dependency_spawner")
+
+    assert made and made[0].status == JobStatus.WAITING
+    assert status_of(made[0]) == ["COMPLETED"]
+    assert [name for name, _ in runs] == ["late"]
