@@ -349,10 +349,10 @@ class WorkerTransitions:
             await apublish([written], queue=self.queue)
 
     async def _settle(self, jobs: Sequence[Job]) -> dependencies.Settled:
-        """Settle the dependents of jobs that ended and got a dependent while they ran (their
-        claim said they had none, so their write did not settle): right after the write, in a
-        transaction of its own. If this fails or the process dies first, the upkeep's sweep
-        settles them (`settle_unsettled`)."""
+        """Settle the dependents of jobs that ended without settling them (a dependent created
+        while the job ran, which its claim did not show; a lease recovered as FAILED): right
+        after the write, in a transaction of its own. If this fails or the process dies first,
+        the upkeep's sweep settles them (`settle_unsettled`)."""
         ended = [job.id for job in jobs if job.dependents_waiting and job.status in TERMINAL]
         if not ended:
             return dependencies.Settled()
@@ -370,9 +370,12 @@ class WorkerTransitions:
         return settled
 
     async def recover(self, *, limit: int = 500) -> list[Job]:
-        """RUNNING jobs whose lease expired (their worker died) -> PENDING or FAILED."""
+        """RUNNING jobs whose lease expired (their worker died) -> PENDING or FAILED; the jobs
+        waiting for one that FAILED are cancelled right after (or by the sweep)."""
         recovered = await self.jobs.recover_expired(policy=self.policy, limit=limit)
+        settled = await self._settle(recovered)
         await apublish(recovered, queue=self.queue)
+        await apublish_settled(settled, queue=self.queue)
         await self._count(self.queue.record_outcomes, recovered, timezone.now())
         return recovered
 
