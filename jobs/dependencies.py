@@ -25,11 +25,11 @@ however deep). Each parent is settled exactly once: the first statement clears i
 `dependents_waiting` under its row lock, and only the parents it returns are settled.
 
 Who settles, in the transaction of the final write: the API's cancel, and a worker writing
-outcomes of jobs whose claim showed dependents. A dependent created while its dependency ran
-(the claim showed none) is settled right after the write, in a transaction of its own. The
-upkeep's sweep (`unsettled`) finds ended jobs whose flag is still set through a small partial
-index and settles them: a crash before that follow-up, a lease recovered as FAILED, any other
-path that ends a job. The caller publishes what changed after commit.
+outcomes of jobs whose claim showed dependents. Right after the write, in a transaction of its
+own: a dependent created while its dependency ran (the claim showed none), and the dependents
+of a lease recovered as FAILED. The upkeep's sweep (`unsettled`) finds ended jobs whose flag is
+still set through a small partial index and settles them: a crash before such a follow-up, any
+other path that ends a job. The caller publishes what changed after commit.
 
 PostgreSQL only (the statements use arrays, row locks and RETURNING); on SQLite (development) a
 request with `dependsOn` is refused.
