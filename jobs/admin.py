@@ -34,6 +34,7 @@ from jobs.models import (
     ApiKey,
     EventSubscription,
     Job,
+    JobDependency,
     JobStatus,
     Schedule,
     SigningSecret,
@@ -133,12 +134,32 @@ def pretty_json(value: Any) -> SafeString | None:
 
 
 # --- jobs ---------------------------------------------------------------------------------------
+CHILDREN_SHOWN = 50
+
+
+def _job_links(rows: list[tuple[uuid.UUID, str, str]], *, total: int) -> SafeString | str:
+    """Jobs as links to their admin pages with type and status (and how many are not shown)."""
+    if not rows:
+        return "-"
+    items = format_html_join(
+        "",
+        '<li><a href="{}">{}</a> {} <strong>{}</strong></li>',
+        (
+            (reverse("admin:jobs_job_change", args=[job_id]), job_id, job_type, status)
+            for job_id, job_type, status in rows
+        ),
+    )
+    more = format_html("<li>and {} more</li>", total - len(rows)) if total > len(rows) else ""
+    return format_html('<ul class="job-links">{}{}</ul>', items, more)
+
+
 JOB_FIELDSETS = (
     (None, {"fields": ("id", "tenant", "type", "status", "priority")}),
     ("Timeline", {"fields": ("timeline",)}),
     ("Attempts", {"fields": ("attempts", "max_attempts", "timeout_ms")}),
     ("Progress", {"fields": ("progress", "progress_message")}),
     ("Data", {"fields": ("payload_pretty", "result_pretty", "error_pretty")}),
+    ("Workflow", {"fields": ("parents", "children", "dependencies_left")}),
     ("Times", {"fields": ("run_at", "started_at", "finished_at", "created_at", "updated_at")}),
     (
         "Worker and idempotency",
@@ -220,6 +241,18 @@ class JobAdmin(admin.ModelAdmin):
         )
         return format_html('<table class="job-timeline">{}</table>', rows)
 
+    @admin.display(description="runs after (dependsOn)")
+    def parents(self, obj: Job) -> SafeString | str:
+        jobs = Job.objects.filter(id__in=obj.depends_on).order_by("created_at", "id")
+        return _job_links(list(jobs.values_list("id", "type", "status")), total=len(jobs))
+
+    @admin.display(description="runs before (dependents)")
+    def children(self, obj: Job) -> SafeString | str:
+        edges = JobDependency.objects.filter(parent=obj).order_by("child__created_at", "child_id")
+        shown = list(edges.values_list("child_id", "child__type", "child__status")[:CHILDREN_SHOWN])
+        total = len(shown) if len(shown) < CHILDREN_SHOWN else edges.count()
+        return _job_links(shown, total=total)
+
     @admin.display(description="attempts")
     def attempts_display(self, obj: Job) -> str:
         return f"{obj.attempts}/{obj.max_attempts}"
@@ -246,9 +279,9 @@ class JobAdmin(admin.ModelAdmin):
 
     @admin.action(description="Cancel selected jobs", permissions=["change"])
     def cancel_selected(self, request: HttpRequest, queryset: QuerySet[Job]) -> None:
-        """Cancel PENDING and RUNNING jobs with `job_cancel`."""
+        """Cancel WAITING, PENDING and RUNNING jobs with `job_cancel` (and their dependents)."""
         done, skipped = self._apply(queryset, job_cancel)
-        self._report(request, done, skipped, "cancelled", "not PENDING or RUNNING")
+        self._report(request, done, skipped, "cancelled", "not WAITING, PENDING or RUNNING")
 
     @staticmethod
     def _apply(queryset: QuerySet[Job], service: Callable[..., Job]) -> tuple[int, int]:

@@ -100,15 +100,31 @@ async def create_job(
     return json_response(job_json(job, with_job_id=True), status=201 if created else 200)
 
 
-@router.post("/jobs/batch", response={201: BatchCreatedOut, **ERRORS})
-async def create_jobs_batch(request: HttpRequest, data: JobBatchIn) -> Status[dict]:
-    """Create up to 1,000 jobs atomically: all are valid and created, or none is."""
+@router.post(
+    "/jobs/batch", response={200: BatchCreatedOut, 201: BatchCreatedOut, 409: ErrorOut, **ERRORS}
+)
+async def create_jobs_batch(
+    request: HttpRequest,
+    data: JobBatchIn,
+    idempotency_key: str | None = Header(
+        None, alias="Idempotency-Key", min_length=1, max_length=255
+    ),
+) -> Status[dict]:
+    """Create up to 1,000 jobs atomically: all are valid and created, or none is. Items may
+    depend on earlier ones (`"$<index>"` in `dependsOn`): a whole graph in one request.
+    Repeating an `Idempotency-Key` returns the original ids (200)."""
     tenant: Tenant = request.auth
     check_tenant(tenant, data.tenant_id)
     specs = []
     for index, item in enumerate(data.jobs):
         check_tenant(tenant, item.tenant_id)
-        specs.append(job_spec(item, loc=("jobs", index)))
+        specs.append(job_spec(item, loc=("jobs", index), batch_index=index))
+    if idempotency_key:
+        keyed = orm(services.job_enqueue_batch_keyed)
+        ids, created = await keyed(
+            tenant=tenant, specs=specs, idempotency_key=idempotency_key, rate_limited=True
+        )
+        return Status(201 if created else 200, {"job_ids": ids})
     jobs = await services.ajob_enqueue_batch(tenant=tenant, specs=specs)
     return Status(201, {"job_ids": [job.id for job in jobs]})
 
@@ -157,7 +173,8 @@ async def get_job(request: HttpRequest, job_id: UUID) -> HttpResponse:
     "/jobs/{job_id}/cancel", response={200: JobOut, 404: ErrorOut, 409: ErrorOut, **ERRORS}
 )
 async def cancel_job(request: HttpRequest, job_id: UUID) -> dict:
-    """PENDING: cancelled at once. RUNNING: cancelled, and its handler is stopped."""
+    """WAITING or PENDING: cancelled at once. RUNNING: cancelled, and its handler is stopped.
+    The jobs waiting for it are cancelled too, down the graph."""
     cancel = orm(services.job_cancel)
     return job_data(await cancel(tenant=request.auth, job_id=job_id, rate_limited=True))
 

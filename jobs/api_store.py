@@ -23,7 +23,9 @@ from jobs.pg import connection as _connection
 
 FIELDS = [field.attname for field in Job._meta.concrete_fields]
 COLUMNS = ", ".join(field.column for field in Job._meta.concrete_fields)
-JSON_FIELDS = frozenset({"payload", "result"})
+JSON_FIELDS = frozenset(
+    field.attname for field in Job._meta.concrete_fields if field.get_internal_type() == "JSONField"
+)
 TABLE = Job._meta.db_table
 _VALUES = f"INSERT INTO {TABLE} ({COLUMNS}) VALUES ({', '.join(['%s'] * len(FIELDS))})"
 # The cursor is the database's (a trigger sets it, jobs/cursors.py): every insert reads it back.

@@ -37,18 +37,24 @@ def event_of(job: Job) -> str | None:
     given back by a stopping worker).
 
     PENDING as created (no attempt, no error, never started, not updated since) is
-    `job.created`; PENDING after an attempt that failed (or after `POST /jobs/{id}/retry`) is
-    `job.retrying`; RUNNING without progress is `job.started`."""
+    `job.created`, and so is WAITING as created (a job with dependencies); PENDING after an
+    attempt that failed (or after `POST /jobs/{id}/retry`) is `job.retrying`; RUNNING without
+    progress is `job.started`. A job with dependencies released to PENDING (never run) is no
+    event: its `job.created` was sent when it was created WAITING."""
     if job.status in _FINISHED:
         return _FINISHED[JobStatus(job.status)]
     if job.status == JobStatus.RUNNING:
         return STARTED if job.progress is None else None
+    if job.status == JobStatus.WAITING:
+        return CREATED if job.updated_at == job.created_at else None
     if job.status != JobStatus.PENDING:
         return None
     if job.error is not None and job.error.startswith(HELD_PREFIX):
         return None
     if job.attempts == 0 and job.error is None and job.started_at is None:
-        return CREATED if job.updated_at == job.created_at else RETRYING
+        if job.updated_at == job.created_at:
+            return CREATED
+        return None if job.depends_on else RETRYING
     if job.attempts > 0 and job.error is not None:
         return RETRYING
     return None

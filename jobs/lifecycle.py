@@ -1,12 +1,18 @@
 """Every transition of a job's status, in one place.
 
     create ─► PENDING ─claim─► RUNNING ─finish─► COMPLETED | FAILED | PENDING (a retry, later)
-                 │                │ finish, held (its destination is protected) ─► PENDING at
-                 │                │     the time given, attempt not spent
-                 │                │ put_back (its worker is stopping) ─► PENDING, attempt not spent
-                 │                │ recover (its lease expired) ─► PENDING | FAILED
-                 └─── cancel ─────┴─► CANCELLED
+      │          │                │ finish, held (its destination is protected) ─► PENDING at
+      │          │                │     the time given, attempt not spent
+      │          │                │ put_back (its worker is stopping) ─► PENDING, attempt not spent
+      │          │                │ recover (its lease expired) ─► PENDING | FAILED
+      │          └─── cancel ─────┴─► CANCELLED
+      └─► WAITING (dependencies unfinished) ─settle─► PENDING (the last one COMPLETED)
+                 │                                   CANCELLED (one FAILED or CANCELLED)
+                 └─ cancel ─► CANCELLED
     FAILED | CANCELLED ─retry─► PENDING (attempts reset)
+
+A job's end settles the jobs that wait for it (`settle`, jobs/dependencies.py): released to
+PENDING, or cancelled down the graph; the changed jobs are published like any transition.
 
 Each transition takes its decision from the `RetryPolicy` where attempts matter, writes through
 `jobs.store` (a worker's writes are fenced by its lease token), and ends in `publish`: jobs that
@@ -28,7 +34,8 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from jobs import cursors, store
+from jobs import cursors, dependencies, store
+from jobs.models import TERMINAL_STATUSES as TERMINAL
 from jobs.models import Job, JobStatus
 from jobs.queue import Queue, async_queue, entry_for, sync_queue
 from realtime.broadcast import update_messages
@@ -216,11 +223,25 @@ def publish_on_commit(jobs: Sequence[Job], *, event: str | None = None) -> None:
 
 
 # --- the API's transitions (inside the caller's transaction, on a locked row) ----------------
+def publish_settled(settled: dependencies.Settled) -> None:
+    """Publish what settling dependents changed: released jobs are indexed, cancelled ones
+    counted as cancelled."""
+    publish(settled.released)
+    publish(settled.cancelled, event=CANCELLED)
+
+
+async def apublish_settled(settled: dependencies.Settled, *, queue: Queue | None = None) -> None:
+    await apublish(settled.released, queue=queue)
+    await apublish(settled.cancelled, event=CANCELLED, queue=queue)
+
+
 def cancel(job: Job) -> Job:
-    """PENDING or RUNNING -> CANCELLED. A RUNNING job's lease is cleared, which fences out its
+    """WAITING, PENDING or RUNNING -> CANCELLED, and the jobs waiting for it cancelled down
+    the graph, in the same transaction. A RUNNING job's lease is cleared, which fences out its
     worker (its final write matches no row); after commit the worker is told to stop the
     handler, or the id leaves the Redis index."""
     was_running = job.status == JobStatus.RUNNING
+    was_waiting = job.status == JobStatus.WAITING
     now = timezone.now()
     fields = {
         "status": JobStatus.CANCELLED,
@@ -231,18 +252,20 @@ def cancel(job: Job) -> Job:
         "lease_expires_at": None,
     }
     store.write_row(job, fields)
+    settled = dependencies.settle([job.id]) if job.dependents_waiting else dependencies.Settled()
 
     def after() -> None:
         try:
             queue = sync_queue()
             if was_running:
                 queue.publish_cancel(str(job.id))
-            else:
+            elif not was_waiting:
                 queue.remove([entry_for(job)])
         except Exception:
             # A PENDING id left in Redis is harmless: the claim's compare-and-set skips it.
             logger.exception("cancel signal to Redis failed job_id=%s", job.id)
         publish([job], event=CANCELLED)
+        publish_settled(settled)
 
     transaction.on_commit(after)
     return job
@@ -288,9 +311,18 @@ class WorkerTransitions:
         """Write attempts' outcomes together (one transaction); None where the lease was lost."""
         now = timezone.now()
         planned = [(job, self.policy.after_attempt(job, outcome, now)) for job, outcome in items]
-        written = await self.jobs.write_outcomes(planned=planned)
-        changed = [job for job in written if job is not None]
-        await apublish(changed, queue=self.queue)
+        if any(job.dependents_waiting for job, _ in items):
+            # Jobs wait for some of these: their release or cancellation commits with the
+            # outcomes (jobs/dependencies.py).
+            written, settled = await self.jobs.write_outcomes_and_settle(planned=planned)
+            changed = [job for job in written if job is not None]
+        else:
+            written = await self.jobs.write_outcomes(planned=planned)
+            changed = [job for job in written if job is not None]
+            # A dependent created while the job ran: settled right after (or by the sweep).
+            settled = await self._settle(changed)
+        await apublish([*changed, *settled.released], queue=self.queue)
+        await apublish(settled.cancelled, event=CANCELLED, queue=self.queue)
         # A held job made no attempt: counted as `held`, never as a retry or a failure.
         held = [
             job
@@ -316,10 +348,34 @@ class WorkerTransitions:
         if written is not None:
             await apublish([written], queue=self.queue)
 
+    async def _settle(self, jobs: Sequence[Job]) -> dependencies.Settled:
+        """Settle the dependents of jobs that ended without settling them (a dependent created
+        while the job ran, which its claim did not show; a lease recovered as FAILED): right
+        after the write, in a transaction of its own. If this fails or the process dies first,
+        the upkeep's sweep settles them (`settle_unsettled`)."""
+        ended = [job.id for job in jobs if job.dependents_waiting and job.status in TERMINAL]
+        if not ended:
+            return dependencies.Settled()
+        try:
+            return await self.jobs.call(dependencies.settle, ended)
+        except Exception as exc:
+            logger.warning("dependents not settled yet, the sweep will (%s)", exc)
+            return dependencies.Settled()
+
+    async def settle_unsettled(self) -> dependencies.Settled:
+        """The sweep: settle the dependents of every ended job not settled yet (a crash after
+        the final write, a lease recovery, a job ended by another path)."""
+        settled = await self.jobs.call(dependencies.sweep)
+        await apublish_settled(settled, queue=self.queue)
+        return settled
+
     async def recover(self, *, limit: int = 500) -> list[Job]:
-        """RUNNING jobs whose lease expired (their worker died) -> PENDING or FAILED."""
+        """RUNNING jobs whose lease expired (their worker died) -> PENDING or FAILED; the jobs
+        waiting for one that FAILED are cancelled right after (or by the sweep)."""
         recovered = await self.jobs.recover_expired(policy=self.policy, limit=limit)
+        settled = await self._settle(recovered)
         await apublish(recovered, queue=self.queue)
+        await apublish_settled(settled, queue=self.queue)
         await self._count(self.queue.record_outcomes, recovered, timezone.now())
         return recovered
 

@@ -91,6 +91,7 @@ class SigningSecret(models.Model):
 
 
 class JobStatus(models.TextChoices):
+    WAITING = "WAITING"
     PENDING = "PENDING"
     RUNNING = "RUNNING"
     COMPLETED = "COMPLETED"
@@ -137,6 +138,12 @@ class Job(models.Model):
     # column, not a foreign key, so deleting a schedule leaves its jobs as they are.
     schedule_id = models.UUIDField(null=True, blank=True)
     scheduled_for = models.DateTimeField(null=True, blank=True)
+    # Workflows (jobs/dependencies.py): the ids of the jobs this one waits for, as on the wire;
+    # how many of them are not finished yet (a WAITING job is released at 0); and whether jobs
+    # wait for this one (its end must settle them: release or cancel).
+    depends_on = models.JSONField(default=list, blank=True)
+    dependencies_left = models.PositiveIntegerField(default=0)
+    dependents_waiting = models.BooleanField(default=False)
 
     class Meta:
         ordering = ["-created_at", "-id"]
@@ -150,6 +157,13 @@ class Job(models.Model):
             models.Index(fields=["tenant", "updated_at"], name="job_tenant_updated"),
             models.Index(fields=["status", "finished_at"], name="job_status_finished"),
             models.Index(fields=["tenant", "cursor"], name="job_tenant_cursor"),
+            # Finished jobs whose dependents are not settled yet (a crash after the final
+            # write): the sweep reads this small index, never the waiting jobs.
+            models.Index(
+                fields=["status"],
+                condition=Q(dependents_waiting=True),
+                name="job_dependents_waiting",
+            ),
         ]
         constraints = [
             models.UniqueConstraint(
@@ -167,6 +181,28 @@ class Job(models.Model):
 
     def __str__(self) -> str:
         return f"{self.type} {self.id} ({self.status})"
+
+
+class JobDependency(models.Model):
+    """An edge of a workflow: `child` runs after `parent` completes. `open` while the child's
+    count of unfinished dependencies (`Job.dependencies_left`) still includes this parent:
+    closed when the parent's end is settled, or from the start when the parent had already
+    ended at the child's creation. Read by parent (release) and by child (the admin)."""
+
+    parent = models.ForeignKey(
+        Job, on_delete=models.CASCADE, related_name="dependent_edges", db_index=False
+    )
+    child = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="dependency_edges")
+    open = models.BooleanField(default=True)
+
+    class Meta:
+        constraints = [
+            # Also the index by parent that a release reads.
+            models.UniqueConstraint(fields=["parent", "child"], name="job_dependency_unique"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.child_id} after {self.parent_id}"
 
 
 class EventSubscription(models.Model):

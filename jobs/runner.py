@@ -9,12 +9,15 @@ import logging
 import threading
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from pydantic import ValidationError
 
+from jobs import dependencies
 from jobs.handlers import HeldBack, JobContext, PermanentError, get_handler
 from jobs.lifecycle import Outcome
 from jobs.models import Job
+from jobs.orm import orm
 from jobs.signing import secret_cache
 
 logger = logging.getLogger("jobs.worker")
@@ -80,6 +83,13 @@ class ProgressReporter:
             await asyncio.gather(self.task, return_exceptions=True)
 
 
+async def _dependency_results(job: Job) -> dict[str, Any]:
+    """The results of the job's dependencies (one read, off the loop); none without any."""
+    if not job.depends_on:
+        return {}
+    return await orm(dependencies.results, thread_sensitive=False)(job)
+
+
 async def run_attempt(job: Job, progress: ProgressReporter) -> Outcome:
     """Run the job's handler once: the payload validated, within its timeout, blocking handlers
     in a thread (so heartbeats keep flowing). Cancellation (by the API, or a cold stop) is the
@@ -106,6 +116,7 @@ async def run_attempt(job: Job, progress: ProgressReporter) -> Outcome:
                 # Cached per tenant for a few seconds (jobs/signing.py); within the timeout, so
                 # a slow database cannot hold the attempt past it.
                 signing_secrets=await secret_cache.live(job.tenant_id) if spec.signed else (),
+                dependency_results=await _dependency_results(job),
             )
             if spec.is_async:
                 result = await spec.func(payload, ctx)

@@ -51,7 +51,8 @@ def in_time_range(value: datetime, *, name: str, latest: datetime) -> datetime:
 
 TenantId = Annotated[str, StringConstraints(pattern=TENANT_ID_PATTERN)]
 JobType = Annotated[str, StringConstraints(min_length=1, max_length=64)]
-StatusName = Literal["PENDING", "RUNNING", "COMPLETED", "FAILED", "CANCELLED"]
+StatusName = Literal["WAITING", "PENDING", "RUNNING", "COMPLETED", "FAILED", "CANCELLED"]
+DependencyRef = Annotated[str, StringConstraints(min_length=1, max_length=64)]
 
 
 class CamelSchema(Schema):
@@ -83,6 +84,9 @@ class JobIn(CamelIn):
     delay_ms: StrictInt | None = Field(None, ge=0, le=MAX_DELAY_MS)
     max_attempts: StrictInt = Field(3, ge=1, le=MAX_ATTEMPTS)
     timeout_ms: StrictInt | None = Field(None, ge=1, le=MAX_TIMEOUT_MS)
+    # Job ids of the tenant (or `$<n>`, an earlier item of the same batch): the job waits
+    # (WAITING) until all of them are COMPLETED (jobs/dependencies.py).
+    depends_on: list[DependencyRef] = Field(default_factory=list, max_length=100)
 
     @field_validator("run_at")
     @classmethod
@@ -141,6 +145,11 @@ class JobOut(CamelSchema):
     schedule_id: UUID | None = Field(None, description="The schedule that made the job, if any.")
     scheduled_for: datetime | None = Field(
         None, description="The due time of the schedule the job was made for."
+    )
+    depends_on: list[str] = Field(
+        default_factory=list,
+        description="The ids of the jobs this one runs after (it is WAITING until all of them "
+        "are COMPLETED).",
     )
 
 

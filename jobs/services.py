@@ -25,7 +25,7 @@ from django.db import IntegrityError, transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from jobs import api_store, cursors, lifecycle, netguard, scheduling, signing
+from jobs import api_store, cursors, dependencies, lifecycle, netguard, scheduling, signing
 from jobs.email_budget import acheck_recipient_budget, check_recipient_budget
 from jobs.errors import ApiError, Conflict, NotFound
 from jobs.models import (
@@ -33,6 +33,7 @@ from jobs.models import (
     EventDelivery,
     EventSubscription,
     Job,
+    JobDependency,
     JobStatus,
     Schedule,
     SigningSecret,
@@ -183,9 +184,11 @@ class JobSpec:
     timeout_ms: int | None = None
     # As the client asked: a relative delay is part of the request, its run_at is not.
     delay_ms: int | None = None
+    # `dependencies.parse_ref` values: job ids, or `$<n>` for an earlier item of a batch.
+    depends_on: tuple[str, ...] = ()
 
     def request_hash(self) -> str:
-        body = {
+        body: dict[str, Any] = {
             "type": self.type,
             "payload": self.payload,
             "priority": self.priority,
@@ -196,6 +199,9 @@ class JobSpec:
             if self.run_at is None or self.delay_ms is not None
             else self.run_at.isoformat(),
         }
+        if self.depends_on:
+            # Only when given: the hashes of jobs without dependencies stay what they were.
+            body["dependsOn"] = list(self.depends_on)
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
@@ -215,6 +221,9 @@ def _new_job(*, tenant: Tenant, spec: JobSpec, now: datetime, idempotency_key: s
         "updated_at": now,
         "idempotency_key": idempotency_key,
         "request_hash": spec.request_hash() if idempotency_key else None,
+        "depends_on": [],
+        "dependencies_left": 0,
+        "dependents_waiting": False,
     }
     # Positional: Django's fast path (a batch builds 1,000 of these per request).
     job = Job(*[values.get(name) for name in api_store.FIELDS])
@@ -253,8 +262,7 @@ def job_enqueue(
             check_rate_limit(tenant=tenant, jobs=1)
             check_recipient_budget(tenant=tenant, jobs=[spec])
         with transaction.atomic():
-            job.save(force_insert=True)
-            lifecycle.publish_on_commit([job], event=lifecycle.CREATED)
+            _insert(tenant=tenant, jobs=[job], specs=[spec], now=now)
         return job, True
 
     for attempt in range(3):
@@ -272,8 +280,7 @@ def job_enqueue(
             check_recipient_budget(tenant=tenant, jobs=[spec])
         try:
             with transaction.atomic():
-                job.save(force_insert=True)
-                lifecycle.publish_on_commit([job], event=lifecycle.CREATED)
+                _insert(tenant=tenant, jobs=[job], specs=[spec], now=now)
             return job, True
         except IntegrityError:
             # A concurrent request with the same key won the insert: read its job.
@@ -281,11 +288,40 @@ def job_enqueue(
     raise ApiError(409, CONCURRENT_KEY)
 
 
+def _insert(*, tenant: Tenant, jobs: list[Job], specs: Sequence[JobSpec], now: datetime) -> None:
+    """Inside the caller's transaction: link the jobs to their dependencies (which decides
+    their status), insert them and their edges, and publish them after commit."""
+    edges: list[JobDependency] = []
+    if any(spec.depends_on for spec in specs):
+        if not dependencies.supported():
+            raise ApiError(400, "dependsOn needs PostgreSQL")
+        for job in jobs:
+            # A retried insert (a concurrent idempotency key) decides again.
+            job.status, job.error, job.finished_at = JobStatus.PENDING, None, None
+            job.dependencies_left, job.dependents_waiting = 0, False
+        locs = [("jobs", i) for i in range(len(jobs))] if len(jobs) > 1 else [()]
+        edges = dependencies.link(
+            tenant_id=tenant.id,
+            jobs=jobs,
+            depends_on=[spec.depends_on for spec in specs],
+            locs=locs,
+            now=now,
+        )
+    if len(jobs) == 1:
+        jobs[0].save(force_insert=True)
+    else:
+        Job.objects.bulk_create(jobs, batch_size=500)
+    if edges:
+        JobDependency.objects.bulk_create(edges, batch_size=1000)
+    lifecycle.publish_on_commit(jobs, event=lifecycle.CREATED)
+
+
 async def ajob_enqueue(
     *, tenant: Tenant, spec: JobSpec, idempotency_key: str | None = None
 ) -> tuple[Job, bool]:
-    """`job_enqueue` for the event loop, rate limit included: one INSERT and one Redis call."""
-    if not api_store.enabled():
+    """`job_enqueue` for the event loop, rate limit included: one INSERT and one Redis call.
+    A job with dependencies takes the ORM path (its parents are locked in one transaction)."""
+    if not api_store.enabled() or spec.depends_on:
         return await orm(job_enqueue)(
             tenant=tenant, spec=spec, idempotency_key=idempotency_key, rate_limited=True
         )
@@ -329,20 +365,70 @@ def _new_batch(*, tenant: Tenant, specs: Sequence[JobSpec]) -> list[Job]:
 def job_enqueue_batch(
     *, tenant: Tenant, specs: Sequence[JobSpec], rate_limited: bool = False
 ) -> list[Job]:
-    """Create many jobs in one transaction and push them in one Redis round trip."""
+    """Create many jobs in one transaction and push them in one Redis round trip. Items may
+    depend on existing jobs and on earlier items (`$<n>`): a whole graph at once."""
+    dependencies.check_batch_size([spec.depends_on for spec in specs])
     if rate_limited:
         check_rate_limit(tenant=tenant, jobs=len(specs))
         check_recipient_budget(tenant=tenant, jobs=specs)
     jobs = _new_batch(tenant=tenant, specs=specs)
     with transaction.atomic():
-        Job.objects.bulk_create(jobs, batch_size=500)
-        lifecycle.publish_on_commit(jobs, event=lifecycle.CREATED)
+        _insert(tenant=tenant, jobs=jobs, specs=specs, now=jobs[0].created_at)
     return jobs
 
 
+def _batch_hash(specs: Sequence[JobSpec]) -> str:
+    body = json.dumps(["batch", *(spec.request_hash() for spec in specs)])
+    return hashlib.sha256(body.encode()).hexdigest()
+
+
+def _batch_ids(first: uuid.UUID, count: int) -> list[uuid.UUID]:
+    """The ids of a keyed batch: the first one's (random) and ids derived from it, so that a
+    replay can name every job of the batch from the one row that holds the key."""
+    return [first, *(uuid.uuid5(first, str(i)) for i in range(1, count))]
+
+
+def job_enqueue_batch_keyed(
+    *,
+    tenant: Tenant,
+    specs: Sequence[JobSpec],
+    idempotency_key: str,
+    rate_limited: bool = False,
+) -> tuple[list[uuid.UUID], bool]:
+    """`job_enqueue_batch` with an `Idempotency-Key`: (job ids, created). The key is held by
+    the batch's first job, with the hash of the whole request; repeating the request within
+    the window returns the same ids and creates nothing, another request with the key is 409."""
+    dependencies.check_batch_size([spec.depends_on for spec in specs])
+    for attempt in range(3):
+        jobs = _new_batch(tenant=tenant, specs=specs)
+        for job, job_id in zip(jobs, _batch_ids(jobs[0].id, len(jobs)), strict=True):
+            job.id = job_id
+        jobs[0].idempotency_key, jobs[0].request_hash = idempotency_key, _batch_hash(specs)
+        existing = Job.objects.filter(tenant=tenant, idempotency_key=idempotency_key).first()
+        original = _replay(existing, jobs[0], jobs[0].created_at)
+        if original is not None:
+            return _batch_ids(original.id, len(specs)), False
+        if existing is not None:
+            Job.objects.filter(pk=existing.pk, idempotency_key=idempotency_key).update(
+                idempotency_key=None
+            )
+        if rate_limited and attempt == 0:
+            check_rate_limit(tenant=tenant, jobs=len(specs))
+            check_recipient_budget(tenant=tenant, jobs=specs)
+        try:
+            with transaction.atomic():
+                _insert(tenant=tenant, jobs=jobs, specs=specs, now=jobs[0].created_at)
+            return [job.id for job in jobs], True
+        except IntegrityError:
+            continue
+    raise ApiError(409, CONCURRENT_KEY)
+
+
 async def ajob_enqueue_batch(*, tenant: Tenant, specs: Sequence[JobSpec]) -> list[Job]:
-    """`job_enqueue_batch` for the event loop, rate limit included: one COPY, one Redis call."""
-    if not api_store.enabled():
+    """`job_enqueue_batch` for the event loop, rate limit included: one COPY, one Redis call.
+    A batch with dependencies takes the ORM path (parents locked, edges written, one
+    transaction)."""
+    if not api_store.enabled() or any(spec.depends_on for spec in specs):
         return await orm(job_enqueue_batch)(tenant=tenant, specs=specs, rate_limited=True)
     await acheck_rate_limit(tenant=tenant, jobs=len(specs))
     await acheck_recipient_budget(tenant=tenant, jobs=specs)
@@ -360,13 +446,14 @@ def _locked_job(*, tenant: Tenant, job_id: uuid.UUID) -> Job:
 
 
 def job_cancel(*, tenant: Tenant, job_id: uuid.UUID, rate_limited: bool = False) -> Job:
-    """Cancel a PENDING job (it never runs) or a RUNNING one (its worker stops the handler).
-    With `rate_limited`, it takes a token of the tenant's rate limit first (429)."""
+    """Cancel a WAITING or PENDING job (it never runs) or a RUNNING one (its worker stops the
+    handler); the jobs that wait for it are cancelled too, down the graph. With
+    `rate_limited`, it takes a token of the tenant's rate limit first (429)."""
     if rate_limited:
         check_rate_limit(tenant=tenant, jobs=1)
     with transaction.atomic():
         job = _locked_job(tenant=tenant, job_id=job_id)
-        if job.status not in (JobStatus.PENDING, JobStatus.RUNNING):
+        if job.status not in (JobStatus.WAITING, JobStatus.PENDING, JobStatus.RUNNING):
             raise Conflict(f"a {job.status} job cannot be cancelled", {"status": job.status})
         return lifecycle.cancel(job)
 
@@ -382,6 +469,17 @@ def job_retry(*, tenant: Tenant, job_id: uuid.UUID, rate_limited: bool = False) 
         job = _locked_job(tenant=tenant, job_id=job_id)
         if job.status not in (JobStatus.FAILED, JobStatus.CANCELLED):
             raise Conflict(f"a {job.status} job cannot be retried", {"status": job.status})
+        if job.depends_on:
+            unfinished = (
+                Job.objects.filter(tenant=tenant, id__in=job.depends_on)
+                .exclude(status=JobStatus.COMPLETED)
+                .values_list("id", flat=True)
+                .first()
+            )
+            if unfinished is not None:
+                raise Conflict(
+                    f"dependency {unfinished} is not completed", {"dependency": str(unfinished)}
+                )
         if rate_limited:
             check_recipient_budget(tenant=tenant, jobs=[job])
         return lifecycle.retry(job)

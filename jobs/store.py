@@ -27,9 +27,9 @@ from django.db import close_old_connections, connection, transaction
 from django.db.models import F
 from django.utils import timezone
 
-from jobs import cursors, pg
+from jobs import cursors, dependencies, pg
 from jobs.api_store import COLUMNS, job_from_row
-from jobs.models import Job, JobStatus, Tenant
+from jobs.models import TERMINAL_STATUSES, Job, JobStatus, Tenant
 
 if TYPE_CHECKING:
     from jobs.lifecycle import RetryPolicy
@@ -96,6 +96,13 @@ class JobStore:
         if pg.is_postgresql():
             return await awrite_outcomes(planned=planned)
         return await self.call(write_outcomes, planned=planned)
+
+    async def write_outcomes_and_settle(
+        self, *, planned: Planned
+    ) -> tuple[list[Job | None], dependencies.Settled]:
+        """`write_outcomes` and the settling of the ended jobs' dependents in the same
+        transaction (for a batch holding jobs that other jobs wait for)."""
+        return await self.call(write_outcomes_and_settle, planned=planned)
 
     async def set_progress(self, *, job: Job, percent: int, message: str | None) -> Job | None:
         """Store the attempt's progress (fenced by its lease); None if the lease was lost."""
@@ -238,9 +245,10 @@ def write_row(job: Job, fields: dict[str, Any]) -> Job:
 
 
 # What a finished row says of its last progress (the worker's copy of the job may not have seen
-# the last report, written by the progress reporter, and the final frame must show it) and the
-# cursor the write got.
-Progress = tuple[int | None, str | None, int | None]
+# the last report, written by the progress reporter, and the final frame must show it), the
+# cursor the write got, and whether jobs wait for it (a child created while it ran: its end
+# must settle them, jobs/dependencies.py).
+Progress = tuple[int | None, str | None, int | None, bool]
 
 
 def _written(planned: Planned, written: dict[uuid.UUID, Progress]) -> list[Job | None]:
@@ -253,7 +261,7 @@ def _written(planned: Planned, written: dict[uuid.UUID, Progress]) -> list[Job |
             continue
         for name, value in fields.items():
             setattr(job, name, value)
-        job.progress, job.progress_message, job.cursor = written[job.id]
+        job.progress, job.progress_message, job.cursor, job.dependents_waiting = written[job.id]
         results.append(job)
     return results
 
@@ -270,13 +278,26 @@ def write_outcomes(*, planned: Planned) -> list[Job | None]:
     return _written(planned, written)
 
 
+def write_outcomes_and_settle(*, planned: Planned) -> tuple[list[Job | None], Any]:
+    """`write_outcomes`, then the settling of the dependents of the jobs it ended
+    (jobs/dependencies.py), in one transaction: a crash in between loses both or neither."""
+    with transaction.atomic():
+        written = write_outcomes(planned=planned)
+        ended = [
+            job.id
+            for job in written
+            if job is not None and job.dependents_waiting and job.status in TERMINAL_STATUSES
+        ]
+        return written, dependencies.settle(ended)
+
+
 def write_outcomes_with_orm(*, planned: Planned) -> list[Job | None]:
     """The outcome writes on a database without the statement (SQLite): one fenced UPDATE per
     job, the same columns, in one transaction."""
     with transaction.atomic():
         ids = [job.id for job, fields in planned if _fenced(job).update(**fields)]
         rows = Job.objects.filter(id__in=ids).values_list(
-            "id", "progress", "progress_message", "cursor"
+            "id", "progress", "progress_message", "cursor", "dependents_waiting"
         )
         return _written(planned, {row[0]: row[1:] for row in rows})
 
@@ -326,7 +347,7 @@ def _finish_statement(planned: Planned) -> tuple[str, list[Any]]:
         FROM (VALUES {", ".join([f"({row})"] * len(planned))})
             AS v(fenced_id, fenced_token, {", ".join(columns)})
         WHERE j.id = v.fenced_id AND j.lease_token = v.fenced_token AND j.status = 'RUNNING'
-        RETURNING j.id, j.progress, j.progress_message, j.cursor
+        RETURNING j.id, j.progress, j.progress_message, j.cursor, j.dependents_waiting
     """
     return sql, params
 

@@ -1,8 +1,9 @@
 """What every worker does besides running jobs, so that the cluster heals itself: put back the
-claims and leases of workers that died, copy tenants' concurrency limits into Redis, and push
-PENDING jobs that Redis lost (flushed, restarted, a push that failed); on a loop of its own,
-dispatch the events of tenants' jobs to their subscriptions (jobs/events_dispatch.py); and on
-another, fire the schedules that are due (jobs/scheduling.py).
+claims and leases of workers that died, settle the dependents of jobs that ended without it
+(jobs/dependencies.py: a crash right after a final write, a recovered lease), copy tenants'
+concurrency limits into Redis, and push PENDING jobs that Redis lost (flushed, restarted, a push
+that failed); on a loop of its own, dispatch the events of tenants' jobs to their subscriptions
+(jobs/events_dispatch.py); and on another, fire the schedules that are due (jobs/scheduling.py).
 Each task runs and fails on its own: one that keeps failing (a row it cannot read, say) must
 not stop the others."""
 
@@ -64,6 +65,7 @@ class Upkeep:
         last_reconcile = 0.0
         while True:
             await self._each("recovery", self.recover)
+            await self._each("dependency settling", self.settle_dependencies)
             await self._each("limit sync", self.sync_limits)
             if time.monotonic() - last_reconcile >= self.reconcile_interval_s:
                 last_reconcile = time.monotonic()
@@ -143,6 +145,20 @@ class Upkeep:
                 extra={"worker": self.name, "job_id": str(job.id), "tenant": job.tenant_id},
             )
         return len(recovered)
+
+    async def settle_dependencies(self) -> int:
+        """Release or cancel the dependents of ended jobs nobody settled (a crash between a
+        job's final write and its settling, a lease recovered as FAILED): the durable
+        follow-up. Cheap when there is nothing: one read of a partial index."""
+        settled = await self.transitions.settle_unsettled()
+        if settled:
+            logger.info(
+                "settled dependents: %d released, %d cancelled",
+                len(settled.released),
+                len(settled.cancelled),
+                extra={"worker": self.name},
+            )
+        return len(settled.released) + len(settled.cancelled)
 
     async def sync_limits(self) -> None:
         await self.queue.replace_tenant_limits(await self.jobs.tenant_limits())

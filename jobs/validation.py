@@ -10,6 +10,7 @@ from django.conf import settings
 from django.utils import timezone
 from pydantic import ValidationError
 
+from jobs import dependencies
 from jobs.errors import ApiError
 from jobs.events import EVENT_DELIVERY
 from jobs.handlers import registered_types, validate_payload
@@ -101,7 +102,22 @@ def _dotted(loc: tuple[Any, ...]) -> str:
     return ".".join(str(part) for part in loc)
 
 
-def job_spec(job: JobIn, *, loc: tuple[Any, ...] = ()) -> JobSpec:
+def dependency_refs(
+    job: JobIn, *, loc: tuple[Any, ...] = (), batch_index: int | None = None
+) -> tuple[str, ...]:
+    """The job's `dependsOn`, checked and normalised (repeats dropped): job ids, and `$<n>`
+    naming an earlier item when the job is item `batch_index` of a batch."""
+    refs: list[str] = []
+    for position, value in enumerate(job.depends_on):
+        try:
+            refs.append(dependencies.parse_ref(value, index=batch_index))
+        except ValueError as exc:
+            field = ".".join(str(p) for p in (*loc, "dependsOn", position))
+            raise ApiError(400, VALIDATION_FAILED, [{"field": field, "message": str(exc)}]) from exc
+    return tuple(dict.fromkeys(refs))
+
+
+def job_spec(job: JobIn, *, loc: tuple[Any, ...] = (), batch_index: int | None = None) -> JobSpec:
     """Validate the type and payload of one job and turn it into a service-level spec."""
     if job.type not in creatable_types():
         raise ApiError(
@@ -145,6 +161,7 @@ def job_spec(job: JobIn, *, loc: tuple[Any, ...] = ()) -> JobSpec:
         max_attempts=job.max_attempts,
         timeout_ms=job.timeout_ms,
         delay_ms=job.delay_ms,
+        depends_on=dependency_refs(job, loc=loc, batch_index=batch_index),
     )
 
 

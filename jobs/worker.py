@@ -5,8 +5,8 @@
      │    └─ one task per job    runner.run_attempt, then its outcome to the writer
      ├─ outcome writer           outcomes that finish together: one write (lifecycle.finish)
      ├─ heartbeat                the worker's Redis heartbeat, its jobs' leases
-     ├─ upkeep                   recovery, limit sync, reconciliation, event dispatch,
-     │                           due schedules (jobs/upkeep.py)
+     ├─ upkeep                   recovery, dependents settling, limit sync, reconciliation,
+     │                           event dispatch, due schedules (jobs/upkeep.py)
      └─ cancel listener          stops the handler of a job the API cancelled
 
 Every state change goes through jobs/lifecycle.py; the worker decides only when.
@@ -204,6 +204,7 @@ class Worker:
                 await self.upkeep.sync_limits()
                 if self.options.burst:
                     await self.upkeep.recover()
+                    await self.upkeep.settle_dependencies()
                     await self.upkeep.reconcile()
                 return
             except UnsupportedRedis:

@@ -18,9 +18,10 @@ from jobqueue_client.errors import (
     ValidationError,
     WaitTimeout,
 )
-from jobqueue_client.models import TERMINAL_STATUSES, Job, JobUpdate
+from jobqueue_client.models import STATUSES, TERMINAL_STATUSES, Job, JobUpdate
 
 __all__ = [
+    "STATUSES",
     "TERMINAL_STATUSES",
     "APIError",
     "AsyncClient",

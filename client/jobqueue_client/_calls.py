@@ -36,6 +36,7 @@ OPTION_NAMES = {
     "run_at": "runAt",
     "delay_ms": "delayMs",
     "timeout_ms": "timeoutMs",
+    "depends_on": "dependsOn",
 }
 
 # The request certainly did not reach the server: sending it again is always safe.
@@ -170,14 +171,22 @@ def create_call(
     )
 
 
-def batch_call(jobs: Iterable[Mapping[str, Any]]) -> Call:
-    """`POST /jobs/batch`. The API takes no `Idempotency-Key` for a batch, so the call is not
-    repeatable: it is retried only when it certainly was not received (or got a 429)."""
+def batch_call(jobs: Iterable[Mapping[str, Any]], idempotency_key: str | None = None) -> Call:
+    """`POST /jobs/batch` with an `Idempotency-Key` (the caller's, or a new one), so that every
+    retry of this call is answered with the jobs the first attempt created. An item's
+    `depends_on` may name earlier items as `"$<index>"`."""
     items = []
     for job in jobs:
         options = {k: v for k, v in job.items() if k not in ("type", "payload")}
         items.append(job_body(job["type"], job.get("payload"), options))
-    return Call("POST", "/jobs/batch", json={"jobs": items})
+    key = idempotency_key if idempotency_key is not None else str(uuid.uuid4())
+    return Call(
+        "POST",
+        "/jobs/batch",
+        json={"jobs": items},
+        headers={"Idempotency-Key": key},
+        repeatable=True,
+    )
 
 
 def get_call(job_id: Any) -> Call:

@@ -22,7 +22,7 @@ from jobqueue_client._calls import MAX_PAGE_SIZE, normalize_base_url
 from jobqueue_client._version import __version__
 from jobqueue_client.client import Client
 from jobqueue_client.errors import JobQueueError
-from jobqueue_client.models import Job, JobUpdate, format_time
+from jobqueue_client.models import STATUSES, Job, JobUpdate, format_time
 
 EXIT_OK = 0
 EXIT_JOB_FAILED = 1
@@ -109,6 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--timeout-ms", type=int, metavar="N", help="lower the type's timeout")
     submit.add_argument("--idempotency-key", metavar="KEY", help="default: a new UUID")
     submit.add_argument(
+        "--depends-on",
+        action="append",
+        metavar="ID",
+        help="run after this job completes (repeatable)",
+    )
+    submit.add_argument(
         "--wait", action="store_true", help="wait for the job to finish; exit 1 unless COMPLETED"
     )
     submit.add_argument(
@@ -119,13 +125,15 @@ def build_parser() -> argparse.ArgumentParser:
     get.add_argument("id", metavar="ID")
 
     ls = commands.add_parser("ls", parents=shared, help="list jobs, newest first")
-    ls.add_argument("--status", metavar="S", help="PENDING, RUNNING, COMPLETED, FAILED, ...")
+    ls.add_argument("--status", metavar="S", choices=STATUSES, help=", ".join(STATUSES))
     ls.add_argument("--type", metavar="T", help="a job type")
     ls.add_argument(
         "--limit", type=positive_int, default=20, metavar="N", help="at most N jobs (default 20)"
     )
 
-    cancel = commands.add_parser("cancel", parents=shared, help="cancel a PENDING or RUNNING job")
+    cancel = commands.add_parser(
+        "cancel", parents=shared, help="cancel a WAITING, PENDING or RUNNING job (and dependents)"
+    )
     cancel.add_argument("id", metavar="ID")
 
     retry = commands.add_parser("retry", parents=shared, help="run a FAILED or CANCELLED job again")
@@ -184,6 +192,7 @@ def cmd_submit(client: Client, args: argparse.Namespace, out: TextIO) -> int:
         delay_ms=args.delay_ms,
         max_attempts=args.max_attempts,
         timeout_ms=args.timeout_ms,
+        depends_on=args.depends_on,
         idempotency_key=args.idempotency_key,
     )
     if not args.wait:

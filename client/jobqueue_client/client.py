@@ -5,7 +5,7 @@ from __future__ import annotations
 import builtins
 import json
 import time
-from collections.abc import Generator, Iterable, Iterator, Mapping
+from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from datetime import datetime
 from typing import Any
@@ -83,6 +83,7 @@ class Client:
         run_at: datetime | str | None = None,
         delay_ms: int | None = None,
         timeout_ms: int | None = None,
+        depends_on: Sequence[str] | None = None,
         idempotency_key: str | None = None,
     ) -> Job:
         """Create a job. It carries an `Idempotency-Key` (a new UUID unless given), so a lost
@@ -93,15 +94,19 @@ class Client:
             "run_at": run_at,
             "delay_ms": delay_ms,
             "timeout_ms": timeout_ms,
+            "depends_on": None if depends_on is None else [str(i) for i in depends_on],
         }
         call = _calls.create_call(type, payload, options, idempotency_key)
         return Job.from_api(self._send(call))
 
-    def create_batch(self, jobs: Iterable[Mapping[str, Any]]) -> builtins.list[str]:
+    def create_batch(
+        self, jobs: Iterable[Mapping[str, Any]], *, idempotency_key: str | None = None
+    ) -> builtins.list[str]:
         """Create 1 to 1,000 jobs at once, all or none (each a mapping with `type`, `payload`
-        and `create`'s options); their ids in order. The API has no idempotency for batches, so
-        it is retried only when it certainly did not arrive, or got a 429."""
-        return self._send(_calls.batch_call(jobs))["jobIds"]
+        and `create`'s options, `depends_on` included, where `"$<index>"` names an earlier
+        item); their ids in order. It carries an `Idempotency-Key` (a new UUID unless given),
+        so a retried batch never creates its jobs twice."""
+        return self._send(_calls.batch_call(jobs, idempotency_key))["jobIds"]
 
     def get(self, id: Any) -> Job:
         """One job of the tenant; NotFound if it has none of that id."""
@@ -119,7 +124,8 @@ class Client:
             call = pages.next_call()
 
     def cancel(self, id: Any) -> Job:
-        """Cancel a PENDING or RUNNING job; Conflict in any other state."""
+        """Cancel a WAITING, PENDING or RUNNING job (and the jobs waiting for it); Conflict in
+        any other state."""
         return Job.from_api(self._send(_calls.action_call(id, "cancel")))
 
     def retry(self, id: Any) -> Job:

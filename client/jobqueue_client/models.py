@@ -7,6 +7,9 @@ from dataclasses import dataclass, fields
 from datetime import datetime, timezone
 from typing import Any
 
+# Every status a job can have, in the order of its life: WAITING (dependencies unfinished),
+# PENDING, RUNNING, then one of the terminal ones.
+STATUSES = ("WAITING", "PENDING", "RUNNING", "COMPLETED", "FAILED", "CANCELLED")
 TERMINAL_STATUSES = frozenset({"COMPLETED", "FAILED", "CANCELLED"})
 
 _TIME = re.compile(r"^(?P<base>[^.]+?)(?:\.(?P<fraction>\d+))?(?P<zone>Z|[+-]\d\d:?\d\d)?$")
@@ -77,6 +80,8 @@ class Job:
     # Set on jobs a schedule made: the schedule's id and the due time the job was made for.
     schedule_id: str | None = None
     scheduled_for: datetime | None = None
+    # The ids of the jobs this one runs after (it is WAITING until all are COMPLETED).
+    depends_on: tuple[str, ...] = ()
 
     @property
     def is_terminal(self) -> bool:
@@ -145,6 +150,8 @@ def _from_wire(cls: type, data: dict[str, Any]) -> dict[str, Any]:
             value = parse_time(value)
         elif field.name == "cursor" and value is not None:
             value = str(value)
+        elif field.name == "depends_on":
+            value = tuple(value or ())
         values[field.name] = value
     return values
 
@@ -153,5 +160,9 @@ def _to_wire(obj: Job | JobUpdate) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for field in fields(obj):
         value = getattr(obj, field.name)
-        out[_camel(field.name)] = format_time(value) if field.name in _TIME_FIELDS else value
+        if field.name in _TIME_FIELDS:
+            value = format_time(value)
+        elif field.name == "depends_on":
+            value = list(value)
+        out[_camel(field.name)] = value
     return out

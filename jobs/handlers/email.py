@@ -7,6 +7,7 @@ other senders, and the handler checks both again when it runs (docs/security.md)
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import smtplib
@@ -142,6 +143,26 @@ class EmailPayload(BaseModel):
     html: Text | None = None
     from_address: EmailAddress | None = Field(default=None, alias="from")
     reply_to: ReplyTo | None = Field(default=None, alias="replyTo")
+    # Append the results of the jobs this email waits for (`dependsOn`) to the body, as JSON.
+    include_dependency_results: bool = Field(
+        default=False, alias="includeDependencyResults", strict=True
+    )
+
+
+# At most this much of the dependencies' results is appended to a body.
+MAX_RESULTS_CHARS = 50_000
+
+
+def with_dependency_results(body: str, results: dict[str, Any]) -> str:
+    """The body followed by each dependency's result (JSON, in `dependsOn` order), cut to
+    MAX_RESULTS_CHARS."""
+    if not results:
+        return body
+    lines = [f"{job_id}: {json.dumps(value, sort_keys=True)}" for job_id, value in results.items()]
+    appended = "\n".join(lines)
+    if len(appended) > MAX_RESULTS_CHARS:
+        appended = appended[:MAX_RESULTS_CHARS] + "\n[cut]"
+    return f"{body}\n\nResults of the jobs this email waited for:\n{appended}\n"
 
 
 def _is_permanent_smtp_code(code: Any) -> bool:
@@ -155,9 +176,12 @@ def send_email(payload: EmailPayload, ctx: JobContext) -> dict[str, int]:
     Refused recipients or sender (5xx) are permanent failures; connection problems are retried.
     """
     from_email, reply_to = _sender(payload, ctx)
+    body = payload.body
+    if payload.include_dependency_results:
+        body = with_dependency_results(body, ctx.dependency_results)
     message = EmailMultiAlternatives(
         subject=payload.subject,
-        body=payload.body,
+        body=body,
         from_email=from_email,  # None means DEFAULT_FROM_EMAIL
         to=payload.to,
         reply_to=reply_to,

@@ -40,6 +40,9 @@ class JobContext:
     # The tenant's live webhook signing secrets (jobs/signing.py), newest first; filled by the
     # worker for types registered with `signed=True` only. Never in a repr (logs).
     signing_secrets: tuple[str, ...] = field(default=(), compare=False, repr=False)
+    # The results of the jobs this one depends on (`dependsOn`), by job id; read when the
+    # attempt starts (jobs/dependencies.py). Empty for a job without dependencies.
+    dependency_results: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def report_progress(self, percent: float, message: str | None = None) -> None:
         """Report progress (0-100, and a short message); callable from the handler's thread or

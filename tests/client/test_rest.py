@@ -10,6 +10,8 @@ import uuid
 
 import pytest
 from jobqueue_client import (
+    STATUSES,
+    TERMINAL_STATUSES,
     AsyncClient,
     AuthenticationError,
     Client,
@@ -17,7 +19,6 @@ from jobqueue_client import (
     Job,
     NotFound,
     RateLimited,
-    ServiceUnavailable,
     ValidationError,
 )
 
@@ -83,13 +84,14 @@ def test_create_retries_refused_unavailable_and_lost_answers_without_a_second_jo
     assert service.job_count() == 2
 
 
-def test_a_batch_is_not_retried_once_it_may_have_arrived(service: Service) -> None:
+def test_a_batch_whose_answer_was_lost_is_retried_and_created_once(service: Service) -> None:
     jobs = [{"type": "sleep", "payload": SLEEP, "priority": 1} for _ in range(3)]
     with FlakyProxy(service.port, lose_answers=1).listen() as proxy:
-        with Client(proxy.url, service.key) as client, pytest.raises(ServiceUnavailable):
-            client.create_batch(jobs)
-        assert proxy.connections == 1
-    assert service.job_count() == 3  # created once, not again by a blind retry
+        with Client(proxy.url, service.key) as client:
+            ids = client.create_batch(jobs)
+        assert proxy.connections == 2  # the lost answer, then the repeat with the same key
+    assert len(ids) == 3
+    assert service.job_count() == 3  # created once: the repeat was answered with the same ids
 
     with service.client() as client:
         ids = client.create_batch([*jobs, {"type": "sleep", "payload": SLEEP, "max_attempts": 1}])
@@ -97,6 +99,20 @@ def test_a_batch_is_not_retried_once_it_may_have_arrived(service: Service) -> No
         assert client.get(ids[3]).max_attempts == 1
         assert client.get(ids[0]).priority == 1
     assert service.job_count() == 7
+
+
+def test_a_graph_in_one_batch_and_a_job_after_it(service: Service) -> None:
+    later = {"type": "sleep", "payload": SLEEP, "delay_ms": LATER_MS}
+    with service.client() as client:
+        first, second = client.create_batch([later, {**later, "depends_on": ["$0"]}])
+        after = client.create("sleep", SLEEP, depends_on=[first, second])
+        waiting = client.get(second)
+        listed = list(client.list(status="WAITING"))
+
+    assert after.status == "WAITING" and after.depends_on == (first, second)
+    assert waiting.status == "WAITING" and waiting.depends_on == (first,)
+    assert {job.id for job in listed} == {second, after.id}
+    assert "WAITING" in STATUSES and "WAITING" not in TERMINAL_STATUSES
 
 
 def test_api_errors_are_typed(service: Service) -> None:

@@ -131,8 +131,16 @@ def test_stats_count_jobs_by_status_and_tenant_with_queue_depth(
     stats = stats_of(staff_client)
 
     assert stats["tenant"] is None
-    assert stats["statuses"] == ["PENDING", "RUNNING", "COMPLETED", "FAILED", "CANCELLED"]
+    assert stats["statuses"] == [
+        "WAITING",
+        "PENDING",
+        "RUNNING",
+        "COMPLETED",
+        "FAILED",
+        "CANCELLED",
+    ]
     assert stats["totals"] == {
+        "WAITING": 0,
         "PENDING": 3,
         "RUNNING": 1,
         "COMPLETED": 1,
@@ -143,6 +151,7 @@ def test_stats_count_jobs_by_status_and_tenant_with_queue_depth(
     assert stats["tenantsTotal"] == 3
     first = tenant_row(stats, "tenant-1")
     assert first["counts"] == {
+        "WAITING": 0,
         "PENDING": 3,
         "RUNNING": 1,
         "COMPLETED": 1,
@@ -176,6 +185,7 @@ def test_the_tenant_filter_narrows_counts_queue_and_throughput(
 
     assert stats["tenant"] == "tenant-2"
     assert stats["totals"] == {
+        "WAITING": 0,
         "PENDING": 0,
         "RUNNING": 1,
         "COMPLETED": 1,

@@ -203,7 +203,9 @@ def test_cancel_action_cancels_pending_jobs_and_removes_them_from_redis(
     with django_capture_on_commit_callbacks(execute=True):
         response = action(admin_client, JOBS_URL, "cancel_selected", [pending, done])
 
-    assert messages_of(response) == ["1 job cancelled, 1 skipped (not PENDING or RUNNING)."]
+    assert messages_of(response) == [
+        "1 job cancelled, 1 skipped (not WAITING, PENDING or RUNNING)."
+    ]
     pending.refresh_from_db()
     assert pending.status == JobStatus.CANCELLED
     assert pending.finished_at is not None
@@ -217,7 +219,9 @@ def test_action_with_nothing_applicable_warns(admin_client: Client, tenant: Tena
 
     response = action(admin_client, JOBS_URL, "cancel_selected", [done])
 
-    assert messages_of(response) == ["0 jobs cancelled, 1 skipped (not PENDING or RUNNING)."]
+    assert messages_of(response) == [
+        "0 jobs cancelled, 1 skipped (not WAITING, PENDING or RUNNING)."
+    ]
     assert "warning" in response.content.decode()
 
 

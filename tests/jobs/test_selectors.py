@@ -132,6 +132,7 @@ def test_counts_by_status_name_every_status_of_the_tenant_only(
     make_job(tenant, status=JobStatus.FAILED)
     make_job(other_tenant, status=JobStatus.COMPLETED)
     assert job_counts_by_status(tenant=tenant) == {
+        "WAITING": 0,
         "PENDING": 2,
         "RUNNING": 0,
         "COMPLETED": 0,
