@@ -501,8 +501,9 @@ def test_a_worker_checks_at_most_once_a_second(
     started = time.monotonic()
     asyncio.run(run_for(3.5))
     elapsed = time.monotonic() - started
-    # One check just after each whole second of the clock: at most one per second.
-    assert 3 <= upkeep.schedule_checks <= int(elapsed) + 1
+    # One check just after each whole second of the clock: at most one per second (and it
+    # keeps checking; a loaded machine may delay a wake-up, hence not "exactly 3").
+    assert 2 <= upkeep.schedule_checks <= int(elapsed) + 1
     with capsys.disabled():
         print(f"\nidle worker: {upkeep.schedule_checks} schedule checks in {elapsed:.1f} s")
 
