@@ -430,15 +430,21 @@ class Queue:
 
     def _drive(self, steps: Generator[Any, Any, Any]) -> Any:
         """Run an operation of several calls written once as a generator that yields each call's
-        reply (a value or an awaitable) and gets its result back: with a sync client the result,
-        with an asyncio client an awaitable of it (what the one-call methods return too)."""
+        reply (a value or an awaitable) and gets its result back (or its error raised there):
+        with a sync client the result, with an asyncio client an awaitable of it (what the
+        one-call methods return too)."""
         if self.is_async:
 
             async def run() -> Any:
                 try:
                     reply = next(steps)
                     while True:
-                        reply = steps.send(await reply)
+                        try:
+                            result = await reply
+                        except Exception as exc:  # the steps may carry on without that call
+                            reply = steps.throw(exc)
+                        else:
+                            reply = steps.send(result)
                 except StopIteration as done:
                     return done.value
 
@@ -661,7 +667,8 @@ class Queue:
         """Take up to `count` ids, one tenant per turn round robin, a tenant over its fair share
         only when no other tenant yields a job; due delayed jobs first move (`parse_claim`).
         With several shards: shard by shard, starting one further at each call, until `count`
-        are taken; tenants over their share get slots only once every shard was asked."""
+        are taken; tenants over their share get slots only once every shard was asked. A shard
+        that cannot be reached is skipped (an error only if none can)."""
         return self._drive(self._claim_steps(worker, count))
 
     def _claim_steps(self, worker: str, count: int) -> Generator[Any, Any, list[Any]]:
@@ -670,6 +677,7 @@ class Queue:
         ids: list[str] = []
         next_due: int | None = None
         unlent: list[int] = []
+        failed: list[redis.RedisError] = []
         order = [(start + i) % self.shards for i in range(self.shards)]
         # First every shard without lending, then the shards that passed a tenant over.
         for lend, shards in ((1 if self.shards == 1 else 0, order), (1, unlent)):
@@ -686,7 +694,14 @@ class Queue:
                     CLAIM_TTL_S,
                     lend,
                 ]
-                got, due, passed = yield self._claim(keys=[self.keys.shard(k)], args=args)
+                try:
+                    got, due, passed = yield self._claim(keys=[self.keys.shard(k)], args=args)
+                except redis.RedisError as exc:
+                    # A shard whose node is failing over: serve the others meanwhile.
+                    if self.shards == 1:
+                        raise
+                    failed.append(exc)
+                    continue
                 taken = [_text(i) for i in got]
                 if taken and self.shards > 1:
                     self._claimed.setdefault(worker, {}).update(dict.fromkeys(taken, k))
@@ -695,6 +710,8 @@ class Queue:
                     next_due = int(due) if next_due is None else min(next_due, int(due))
                 if int(passed):
                     unlent.append(k)
+        if len(failed) == len(order):
+            raise failed[0]
         if self.cluster and ids and len(ids) >= count:
             yield self._wake(1)  # ready jobs may be left behind: let another idle worker look
         return [ids, -1 if next_due is None else next_due]
