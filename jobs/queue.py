@@ -5,40 +5,46 @@ reconciliation, the rest (limits, budgets, counters) is short-lived or advisory.
 (P is `JOBS_REDIS_PREFIX`), built by `Keys` here and by jobs/lua/_common.lua in the scripts,
 documented in docs/architecture.md:
 
-The queue index
-    P:ready:{tenant}      ZSET  job id -> ready score (priority band, then enqueue time: FIFO)
-    P:tenants             LIST  ring of tenants that have ready jobs (round robin)
-    P:active              SET   tenants currently in the ring (each at most once)
-    P:delayed             ZSET  "{tenant}|{ready score}|{job id}" -> due time (ms)
-    P:processing:{worker} HASH  job id -> "{tenant}|{ready score}" claimed by that worker
-    P:running             HASH  tenant -> jobs claimed and not yet released (all workers)
-    P:limits              HASH  tenant -> concurrency limit (absent: unlimited)
+The queue index: JOBS_QUEUE_SHARDS shards, each under its hash tag {q<k>} (one cluster slot); a
+tenant belongs to shard crc32(tenant) % N (`Keys.shard_of`). <x> marks a placeholder.
+    P:{q<k>}:ready:<tenant>      ZSET  job id -> ready score (priority band, then enqueue time)
+    P:{q<k>}:tenants             LIST  ring of the shard's tenants that have ready jobs
+    P:{q<k>}:active              SET   tenants currently in the ring (each at most once)
+    P:{q<k>}:delayed             ZSET  "<tenant>|<ready score>|<job id>" -> due time (ms)
+    P:{q<k>}:processing:<worker> HASH  job id -> "<tenant>|<ready score>" claimed by that worker
+    P:{q<k>}:running             HASH  tenant -> jobs claimed and not yet released (all workers)
+    P:{q<k>}:limits              HASH  tenant -> concurrency limit (absent: unlimited)
+    P:{q<k>}:workers             ZSET  the shard's copy of P:workers (for the fair share)
+    P:{q<k>}:slots               HASH  worker name -> its concurrency (their sum: all slots)
+    P:{q<k>}:slots:total         STRING the sum, cached by the claim script for one second
 Workers
     P:workers             ZSET  worker name -> last heartbeat (ms)
-    P:slots               HASH  worker name -> its concurrency (the cluster's slots: their sum)
-    P:slots:total         STRING the sum, cached by the claim script for one second
     P:wake                LIST  wake-up tokens for idle workers (BLPOP)
     P:cancel              pub/sub channel: ids of RUNNING jobs to cancel
-    P:lock:{name}         STRING short-lived locks (reconciliation)
-Limits and budgets
-    P:rate:{tenant}       STRING rate limit state (GCRA arrival time), expires when idle
-    P:email-recipients:{tenant}        ZSET "{token}:{recipients}" -> when accepted (ms)
-    P:email-recipients:{tenant}:total  STRING recipients in the tenant's window
-    P:replay:{tenant}     HASH  the tenant's bucket of WebSocket replay rows ("tokens", "at")
+    P:lock:<name>         STRING short-lived locks (reconciliation)
+Limits and budgets (a tenant's keys share the hash tag {t:<tenant>})
+    P:{t:<tenant>}:rate   STRING rate limit state (GCRA arrival time), expires when idle
+    P:{t:<tenant>}:email-recipients        ZSET "<token>:<recipients>" -> when accepted (ms)
+    P:{t:<tenant>}:email-recipients:total  STRING recipients in the tenant's window
+    P:{t:<tenant>}:replay HASH  the tenant's bucket of WebSocket replay rows ("tokens", "at")
     P:ws:procs            ZSET  API process -> when its socket counts expire (ms)
-    P:ws:proc:{process}   HASH  "total", "t:{tenant}", "k:{key digest}" -> open sockets
-    P:login:user:{name}   STRING failed logins of a user name in the throttle's window
-    P:login:addr:{address} STRING failed logins from a client address in that window
+    P:ws:proc:<process>   HASH  "total", "t:<tenant>", "k:<key digest>" -> open sockets
+    P:login:user:<name>   STRING failed logins of a user name in the throttle's window
+    P:login:addr:<address> STRING failed logins from a client address in that window
 Destination protection (webhook requests; jobs/destinations.py)
-    P:host:{host}:slots   ZSET  request holder -> lease expiry (ms): requests in flight to a host
-    P:host:{host}:breaker HASH  the host's circuit breaker: state, failures, until, probe, ...
+    P:host:<host>:slots   ZSET  request holder -> lease expiry (ms): requests in flight to a host
+    P:host:<host>:breaker HASH  the host's circuit breaker: state, failures, until, probe, ...
     P:circuits            ZSET  host -> until (ms), for hosts whose circuit is open or half-open
 Metrics (jobs/counters.py computes the fields; counters, so they never expire)
-    P:metrics:events      HASH  "{event}|{type}|{tenant}" -> count
-    P:metrics:duration    HASH  "{type}|{bucket}" -> count, "{type}|sum", "{type}|count"
+    P:metrics:events      HASH  "<event>|<type>|<tenant>" -> count
+    P:metrics:duration    HASH  "<type>|<bucket>" -> count, "<type>|sum", "<type>|count"
     P:metrics:wait        HASH  the same layout, for the time from runAt to start
 
-The job update channels (P:updates:{tenant}) and P:auth belong to the realtime hub
+With REDIS_CLUSTER_URL, `client` is a Redis Cluster holding the queue index, workers, locks,
+tenant keys and metrics; `plain` (REDIS_URL) keeps the pub/sub channels, the socket counts,
+destination protection and the login throttle, whose scripts span slots.
+
+The job update channels (P:updates:<tenant>) and P:auth belong to the realtime hub
 (realtime/hub.py), the process's one subscriber.
 
 Three kinds of methods, by who calls them:
@@ -695,7 +701,7 @@ class Queue:
                     lend,
                 ]
                 try:
-                    got, due, passed = yield self._claim(keys=[self.keys.shard(k)], args=args)
+                    got, due, *passed = yield self._claim(keys=[self.keys.shard(k)], args=args)
                 except redis.RedisError as exc:
                     # A shard whose node is failing over: serve the others meanwhile.
                     if self.shards == 1:
@@ -708,7 +714,7 @@ class Queue:
                 ids.extend(taken)
                 if int(due) >= 0:
                     next_due = int(due) if next_due is None else min(next_due, int(due))
-                if int(passed):
+                if passed and int(passed[0]):
                     unlent.append(k)
         if len(failed) == len(order):
             raise failed[0]
