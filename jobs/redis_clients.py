@@ -113,7 +113,9 @@ def parse_sentinel_url(url: str) -> SentinelTarget | None:
     )
 
 
-def _host_port(item: str, default_port: int = SENTINEL_PORT) -> tuple[str, int]:
+def _host_port(
+    item: str, default_port: int = SENTINEL_PORT, what: str = "sentinel address"
+) -> tuple[str, int]:
     item = item.strip()
     if item.startswith("["):  # [IPv6]:port
         host, _, rest = item[1:].partition("]")
@@ -123,9 +125,9 @@ def _host_port(item: str, default_port: int = SENTINEL_PORT) -> tuple[str, int]:
     try:
         number = int(port) if port else default_port
     except ValueError:
-        raise RedisUrlError(f"bad address {item!r}: the port is not a number") from None
+        raise RedisUrlError(f"bad {what} {item!r}: the port is not a number") from None
     if not host or not 0 < number < 65536:
-        raise RedisUrlError(f"bad address {item!r}")
+        raise RedisUrlError(f"bad {what} {item!r}")
     return host, number
 
 
@@ -145,7 +147,9 @@ def parse_cluster_url(url: str) -> ClusterTarget:
     if parts.scheme not in CLUSTER_SCHEMES:
         raise RedisUrlError("a Redis Cluster URL is redis://host:port[,host:port...] or rediss://")
     credentials, _, hosts = parts.netloc.rpartition("@")
-    nodes = tuple(_host_port(item, REDIS_PORT) for item in hosts.split(",") if item.strip())
+    nodes = tuple(
+        _host_port(item, REDIS_PORT, "cluster node") for item in hosts.split(",") if item.strip()
+    )
     if not nodes:
         raise RedisUrlError("a Redis Cluster URL needs at least one host:port")
     if parts.path.strip("/") not in ("", "0") or parts.query:
