@@ -64,6 +64,7 @@ Three kinds of methods, by who calls them:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 import uuid
@@ -471,6 +472,12 @@ class Queue:
         pipe.expire(self.keys.wake, 60)
         return pipe.execute()
 
+    def _wake_steps(self, n: int) -> Generator[Any, Any, None]:
+        """`_wake` as a step that cannot fail the operation: the work is done, and idle workers
+        look again within a second anyway."""
+        with contextlib.suppress(redis.RedisError):
+            yield self._wake(n)
+
     def _by_claim_shard(self, worker: str, job_ids: Iterable[str]) -> dict[int, list[str]]:
         """Ids a worker claimed, by the shard they came from (unknown ones: in every shard)."""
         known = self._claimed.get(worker, {})
@@ -535,7 +542,7 @@ class Queue:
             ready += int((yield self._enqueue(keys=[self.keys.shard(k)], args=args)))
         delayed = sum(len(batch) for batch in by_shard.values()) - ready
         if ready or delayed:
-            yield self._wake(ready + min(delayed, 1))
+            yield from self._wake_steps(ready + min(delayed, 1))
         if increments:
             pipe = self.client.pipeline(transaction=False)
             for key, field, amount in increments:
@@ -719,7 +726,7 @@ class Queue:
         if len(failed) == len(order):
             raise failed[0]
         if self.cluster and ids and len(ids) >= count:
-            yield self._wake(1)  # ready jobs may be left behind: let another idle worker look
+            yield from self._wake_steps(1)  # jobs may be left behind: another idle worker looks
         return [ids, -1 if next_due is None else next_due]
 
     def release(self, *, worker: str, job_ids: Iterable[str]) -> Any:
@@ -750,7 +757,7 @@ class Queue:
         if job_ids is None:
             yield self.client.zrem(self.keys.workers, worker)
         if self.cluster and requeued:
-            yield self._wake(requeued)
+            yield from self._wake_steps(requeued)
         return requeued
 
     # --- workers (asyncio client) -------------------------------------------------------------
