@@ -402,7 +402,8 @@ class Queue:
         # The shard each id a worker claimed came from (worker -> id -> shard), so a release
         # goes to that shard only; an id not known here is looked for in every shard.
         self._claimed: dict[str, dict[str, int]] = {}
-        self._next_shard = random.randrange(self.shards)
+        # The shard the next claim starts at (one further at every claim).
+        self.next_shard = random.randrange(self.shards)
         self.fair_share: float = settings.JOBS["TENANT_FAIR_SHARE"]
         self.fair_share_reserve: int = settings.JOBS["TENANT_FAIR_SHARE_RESERVE"]
         # The index's scripts, registered up front: a subclass may replace one (the FIFO
@@ -685,8 +686,8 @@ class Queue:
         return self._drive(self._claim_steps(worker, count))
 
     def _claim_steps(self, worker: str, count: int) -> Generator[Any, Any, list[Any]]:
-        start = self._next_shard
-        self._next_shard = (start + 1) % self.shards
+        start = self.next_shard
+        self.next_shard = (start + 1) % self.shards
         ids: list[str] = []
         next_due: int | None = None
         unlent: list[int] = []

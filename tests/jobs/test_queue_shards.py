@@ -77,12 +77,12 @@ def test_a_tenant_over_its_share_in_one_shard_waits_for_the_others(queue: Queue)
     # Over its share (2 of 4 slots): whichever shard the claim starts at, the small tenant's
     # jobs come first, before anything is lent to the flood.
     for start in range(SHARDS):
-        queue._next_shard = start
+        queue.next_shard = start
         assert claim(queue, 1) == ["s0"]
         queue.requeue(worker="w1", job_ids=["s0"])
     assert claim(queue, 1) == ["s0"]
     queue.release(worker="w1", job_ids=["s0"])
-    queue._next_shard = 0
+    queue.next_shard = 0
     assert claim(queue, 1) == ["s1"]
 
 
