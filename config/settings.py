@@ -265,6 +265,8 @@ JOBS = {
     if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql" and not TESTING
     else "orm",
 }
+if JOBS["QUEUE_SHARDS"] > 256:  # every heartbeat and idle claim touches each shard
+    raise ImproperlyConfigured("JOBS_QUEUE_SHARDS must be at most 256")
 
 LOG_LEVEL = env_str("LOG_LEVEL", "INFO").upper()
 # `plain` for people, `json` (one object per line, `extra` fields as keys) for log shippers.
