@@ -27,6 +27,7 @@ from django.utils import timezone
 from jobs.models import Job, JobStatus, Tenant
 from jobs.queue import Keys
 from jobs.services import api_key_create
+from tests.e2e.test_metrics import METRICS_TOKEN, scrape
 from tests.support.redis_cluster import RedisCluster, redis_cluster
 from tests.support.stack import Stack, wait_until
 
@@ -81,14 +82,25 @@ def test_tenants_on_different_masters_all_complete_and_fairly(stack: Stack, tmp_
         use_cluster(stack, cluster)
         tenants = tenants_on_masters(cluster, 3)
         keys = make_tenants([*tenants, "small"])
+        stack.env["JOBS_METRICS_TOKEN"] = METRICS_TOKEN
         stack.start_api()
-        for n in (1, 2):
-            stack.start_worker("--concurrency", "4", name=f"w{n}")
         started = time.monotonic()
         ids = {tid: stack.create_batch(keys[tid], [SLEEP_5] * 100) for tid in tenants}
         everything = [i for batch in ids.values() for i in batch]
+        # /metrics reads the queue over every shard (no worker yet: all ready).
+        before = scrape(stack)
+        assert before[("jobqueue_queue_depth", (("state", "ready"),))] == 300
+        assert before[("jobqueue_tenants_ready", ())] == 3
+        for n in (1, 2):
+            stack.start_worker("--concurrency", "4", name=f"w{n}")
         wait_until(lambda: all_completed(everything), timeout=60, message="jobs not completed")
         took = time.monotonic() - started
+        after = scrape(stack)
+        for tid in tenants:
+            labels = (("tenant", tid), ("type", "sleep"))
+            assert after[("jobqueue_jobs_completed_total", labels)] == 100
+        assert after[("jobqueue_queue_depth", (("state", "ready"),))] == 0
+        assert after[("jobqueue_workers_alive", ())] == 2
         # A flood in one shard; a small tenant in another shard sends 5 jobs once it drains.
         flood = tenants[0]
         small_shard = Keys("any", SHARDS).shard_of("small")
@@ -110,7 +122,8 @@ def test_tenants_on_different_masters_all_complete_and_fairly(stack: Stack, tmp_
     per_master = {tid: len(batch) for tid, batch in ids.items()}
     print(
         f"\ncluster: {len(everything)} jobs of {len(tenants)} tenants on 3 masters "
-        f"({per_master}) completed in {took:.1f}s; the small tenant's 5 jobs waited "
+        f"({per_master}) completed {took:.1f}s after the first request (the workers started "
+        "after the first scrape); the small tenant's 5 jobs waited "
         f"{min(waits):.2f}-{max(waits):.2f}s to start while {left} of the flood's 1500 "
         "were still waiting"
     )
