@@ -12,7 +12,7 @@ from dotenv import load_dotenv
 
 from config.env import env_bool, env_float, env_int, env_list, env_str, parse_email_url
 from config.logging import logging_config
-from jobs.redis_clients import RedisUrlError, check_redis_url
+from jobs.redis_clients import RedisUrlError, check_redis_url, parse_cluster_url
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 # Local state of a development run (embedded SQLite, private Redis, demo key); never committed.
@@ -131,6 +131,14 @@ try:
     check_redis_url(REDIS_URL)
 except RedisUrlError as exc:
     raise ImproperlyConfigured(f"REDIS_URL: {exc}") from exc
+# The queue on a Redis Cluster (docs/scaling.md): any of its nodes, `redis://h1:6379,h2:6379`.
+# Pub/sub and the keys spanning slots stay on REDIS_URL (a plain server or a Sentinel set).
+REDIS_CLUSTER_URL = env_str("REDIS_CLUSTER_URL", "")
+if REDIS_CLUSTER_URL:
+    try:
+        parse_cluster_url(REDIS_CLUSTER_URL)
+    except RedisUrlError as exc:
+        raise ImproperlyConfigured(f"REDIS_CLUSTER_URL: {exc}") from exc
 JOBS_REDIS_PREFIX = env_str("JOBS_REDIS_PREFIX", "jobs")
 if not re.fullmatch(r"[A-Za-z0-9_\-.]{1,24}", JOBS_REDIS_PREFIX):
     raise ImproperlyConfigured("JOBS_REDIS_PREFIX must be 1-24 characters of [A-Za-z0-9_-.]")
@@ -227,6 +235,10 @@ JOBS = {
     # jobs gets no more; alone it may take every free slot but RESERVE. 0 or 1: off.
     "TENANT_FAIR_SHARE": env_float("JOBS_TENANT_FAIR_SHARE", 0.5, minimum=0, maximum=1),
     "TENANT_FAIR_SHARE_RESERVE": env_int("JOBS_TENANT_FAIR_SHARE_RESERVE", 0, minimum=0),
+    # Queue shards (each its own hash tag, so its own cluster slot): a tenant's jobs are in the
+    # shard of its id's hash, workers claim from the shards in turn. Change it only with the
+    # workers stopped (reconciliation re-indexes PENDING jobs in their new shard).
+    "QUEUE_SHARDS": env_int("JOBS_QUEUE_SHARDS", 16 if REDIS_CLUSTER_URL else 1, minimum=1),
     "METRICS_TOKEN": env_str("JOBS_METRICS_TOKEN"),
     # Failed password logins per client address or user name before logins are refused for
     # LOGIN_WINDOW_S; 0 turns the throttle off.
@@ -253,6 +265,8 @@ JOBS = {
     if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql" and not TESTING
     else "orm",
 }
+if JOBS["QUEUE_SHARDS"] > 256:  # every heartbeat and idle claim touches each shard
+    raise ImproperlyConfigured("JOBS_QUEUE_SHARDS must be at most 256")
 
 LOG_LEVEL = env_str("LOG_LEVEL", "INFO").upper()
 # `plain` for people, `json` (one object per line, `extra` fields as keys) for log shippers.

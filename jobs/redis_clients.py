@@ -18,6 +18,12 @@ a connection, and moves a connection that is not on the master they name. After
 sentinels turn it into a replica (which then discards them); without the check a client would
 keep writing there until then, and PUBLISH, which a replica accepts too, for ever.
 
+The queue may also live on a Redis Cluster, given by `REDIS_CLUSTER_URL`:
+`redis://[[user]:password@]host1:6379[,host2:6379...]` (or `rediss://`), any of the cluster's
+nodes (more than one in case the first is down); the client is redis-py's own `RedisCluster`,
+which learns the slot map from them and follows `MOVED` and failovers. A cluster has database 0
+only. Pub/sub and the keys that span slots stay on `REDIS_URL` (docs/scaling.md).
+
 No Django here: `scripts/` make their clients here too, before any settings exist.
 """
 
@@ -31,11 +37,15 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import redis
 import redis.asyncio as aioredis
+import redis.asyncio.cluster as aiocluster
 import redis.asyncio.sentinel as aiosentinel
+import redis.cluster
 import redis.sentinel
 
 SENTINEL_SCHEME = "redis+sentinel"
 SENTINEL_PORT = 26379
+REDIS_PORT = 6379
+CLUSTER_SCHEMES = ("redis", "rediss")
 # The sentinels must answer quickly or be skipped for the next one, whatever the client's own
 # timeouts are (a worker's blocking client has none).
 SENTINEL_TIMEOUT_S = 1.0
@@ -103,7 +113,9 @@ def parse_sentinel_url(url: str) -> SentinelTarget | None:
     )
 
 
-def _host_port(item: str) -> tuple[str, int]:
+def _host_port(
+    item: str, default_port: int = SENTINEL_PORT, what: str = "sentinel address"
+) -> tuple[str, int]:
     item = item.strip()
     if item.startswith("["):  # [IPv6]:port
         host, _, rest = item[1:].partition("]")
@@ -111,12 +123,70 @@ def _host_port(item: str) -> tuple[str, int]:
     else:
         host, _, port = item.rpartition(":") if ":" in item else (item, "", "")
     try:
-        number = int(port) if port else SENTINEL_PORT
+        number = int(port) if port else default_port
     except ValueError:
-        raise RedisUrlError(f"bad sentinel address {item!r}: the port is not a number") from None
+        raise RedisUrlError(f"bad {what} {item!r}: the port is not a number") from None
     if not host or not 0 < number < 65536:
-        raise RedisUrlError(f"bad sentinel address {item!r}")
+        raise RedisUrlError(f"bad {what} {item!r}")
     return host, number
+
+
+@dataclass(frozen=True)
+class ClusterTarget:
+    """The nodes a Redis Cluster client starts from."""
+
+    nodes: tuple[tuple[str, int], ...]
+    username: str | None = None
+    password: str | None = None
+    ssl: bool = False
+
+
+def parse_cluster_url(url: str) -> ClusterTarget:
+    """The nodes and credentials of a `REDIS_CLUSTER_URL`."""
+    parts = urlsplit(url)
+    if parts.scheme not in CLUSTER_SCHEMES:
+        raise RedisUrlError("a Redis Cluster URL is redis://host:port[,host:port...] or rediss://")
+    credentials, _, hosts = parts.netloc.rpartition("@")
+    nodes = tuple(
+        _host_port(item, REDIS_PORT, "cluster node") for item in hosts.split(",") if item.strip()
+    )
+    if not nodes:
+        raise RedisUrlError("a Redis Cluster URL needs at least one host:port")
+    if parts.path.strip("/") not in ("", "0") or parts.query:
+        raise RedisUrlError("a Redis Cluster URL has no database (a cluster has 0) nor options")
+    username: str | None = None
+    password: str | None = None
+    if credentials:
+        user, has_password, secret = credentials.partition(":")
+        username = unquote(user) or None
+        password = unquote(secret) if has_password else None
+    return ClusterTarget(
+        nodes=nodes, username=username, password=password, ssl=parts.scheme == "rediss"
+    )
+
+
+def sync_cluster(url: str, **options: Any) -> redis.RedisCluster:
+    """A blocking Redis Cluster client for `url` (`parse_cluster_url`)."""
+    target = parse_cluster_url(url)
+    return redis.RedisCluster(
+        startup_nodes=[redis.cluster.ClusterNode(host, port) for host, port in target.nodes],
+        username=target.username,
+        password=target.password,
+        ssl=target.ssl,
+        **options,
+    )
+
+
+def async_cluster(url: str, **options: Any) -> aioredis.RedisCluster:
+    """An asyncio Redis Cluster client for `url` (`parse_cluster_url`)."""
+    target = parse_cluster_url(url)
+    return aioredis.RedisCluster(
+        startup_nodes=[aiocluster.ClusterNode(host, port) for host, port in target.nodes],
+        username=target.username,
+        password=target.password,
+        ssl=target.ssl,
+        **options,
+    )
 
 
 def check_redis_url(url: str) -> None:
@@ -284,5 +354,7 @@ def describe_redis_url(url: str) -> str:
     if at and ":" in credentials:
         credentials = credentials.split(":", 1)[0] + ":***"
     query = "?sentinel_password=***" if "sentinel_password" in parts.query else ""
+    if "," in hosts and parts.scheme in CLUSTER_SCHEMES:  # a cluster's nodes
+        query = ""
     netloc = f"{credentials}@{hosts}" if at else hosts
     return f"{parts.scheme}://{netloc}{parts.path}{query}"

@@ -35,7 +35,7 @@ from jobs.lifecycle import Outcome, RetryPolicy, WorkerTransitions
 from jobs.models import Job
 from jobs.outcomes import OutcomeWriter, with_db_retries
 from jobs.queue import Queue, close_async_queue, entry_for, parse_claim, parse_cluster_enabled
-from jobs.redis_clients import async_redis
+from jobs.redis_clients import async_cluster, async_redis
 from jobs.runner import ProgressReporter, run_attempt
 from jobs.store import JobStore
 from jobs.upkeep import Upkeep
@@ -98,7 +98,13 @@ class Worker:
         self.redis = redis_client or async_redis(
             settings.REDIS_URL, socket_timeout=None, socket_connect_timeout=5
         )
-        self.queue = queue_class(self.redis)
+        # The queue's own client: a Redis Cluster's with REDIS_CLUSTER_URL, else the same one.
+        self.queue_redis: aioredis.Redis | aioredis.RedisCluster = self.redis
+        if settings.REDIS_CLUSTER_URL and redis_client is None:
+            self.queue_redis = async_cluster(
+                settings.REDIS_CLUSTER_URL, socket_timeout=None, socket_connect_timeout=5
+            )
+        self.queue = queue_class(self.queue_redis, plain=self.redis)
         self.jobs = JobStore(threads=min(8, max(2, options.concurrency // 4 + 2)))
         self.lease_s: int = settings.JOBS["LEASE_S"]
         self.transitions = WorkerTransitions(
@@ -132,7 +138,7 @@ class Worker:
             self._log("%s", exc, level=logging.ERROR)
             self.jobs.close()
             await pg.close_pools()
-            await self.redis.aclose()
+            await self._close_clients()
             return 2
         side_tasks = {
             "heartbeat": self._heartbeat_forever(),
@@ -195,8 +201,9 @@ class Worker:
             try:
                 if parse_cluster_enabled(await self.queue.cluster_info()):
                     raise UnsupportedRedis(
-                        "REDIS_URL names a Redis Cluster node: Redis Cluster is not supported"
-                        " yet; use one server or a Sentinel set (docs/scaling.md)"
+                        "REDIS_URL names a Redis Cluster node: it must be one server or a"
+                        " Sentinel set (pub/sub); give the cluster as REDIS_CLUSTER_URL"
+                        " (docs/scaling.md)"
                     )
                 # Claims left under this name by an earlier process that died go back first.
                 await self.queue.requeue(worker=self.name)
@@ -247,9 +254,14 @@ class Worker:
             self._log("could not unregister from Redis", level=logging.WARNING, exc_info=True)
         self.jobs.close()
         await pg.close_pools()
-        await self.redis.aclose()
+        await self._close_clients()
         # The loop's shared client, if a handler used it (webhooks' destination protection).
         await close_async_queue()
+
+    async def _close_clients(self) -> None:
+        await self.redis.aclose()
+        if self.queue_redis is not self.redis:
+            await self.queue_redis.aclose()
 
     # --- the claim loop -----------------------------------------------------------------------
     async def _fetch_and_process_jobs(self) -> None:

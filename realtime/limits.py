@@ -117,7 +117,8 @@ class Presence:
 
     def _queue(self) -> Queue:
         """The loop's Redis client, under this hub's prefix."""
-        return Queue(async_queue().client, prefix=self.prefix)
+        shared = async_queue()
+        return Queue(shared.client, prefix=self.prefix, plain=shared.plain)
 
     def _count(self, socket: Hashable, fields: tuple[str, ...]) -> None:
         self.sockets[socket] = fields

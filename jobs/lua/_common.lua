@@ -1,24 +1,31 @@
 -- Shared helpers, prepended to every script. Keys are built from the prefix (ARGV[1]) because
--- a tenant's ready set is only known inside the script; the queue targets one Redis (no Cluster).
+-- a tenant's ready set is only known inside the script. The queue's scripts (enqueue, claim,
+-- release, requeue, remove) work on one queue shard: KEYS[1] is its base `P:{q<k>}` (a hash tag,
+-- so on a Redis Cluster the call goes to the shard's node and every key below is in its slot).
+-- A tenant's own scripts (rate limit, budgets) get KEYS[1] = `P:{t:<tenant>}` the same way.
 -- These names are the Lua side of `Keys` in jobs/queue.py: change both together.
 local prefix = ARGV[1]
-local ring_key = prefix .. ':tenants'
-local active_key = prefix .. ':active'
-local delayed_key = prefix .. ':delayed'
-local running_key = prefix .. ':running'
-local limits_key = prefix .. ':limits'
+local shard = KEYS[1] or (prefix .. ':{q0}')
+local ring_key = shard .. ':tenants'
+local active_key = shard .. ':active'
+local delayed_key = shard .. ':delayed'
+local running_key = shard .. ':running'
+local limits_key = shard .. ':limits'
+local workers_key = shard .. ':workers'
+local slots_key = shard .. ':slots'
+local slots_total_key = shard .. ':slots:total'
+-- Not in the shard's slot: only used on one Redis (a cluster's wake tokens are pushed by
+-- jobs/queue.py, the scripts get wake_max 0 there).
 local wake_key = prefix .. ':wake'
-local workers_key = prefix .. ':workers'
-local slots_key = prefix .. ':slots'
-local slots_total_key = prefix .. ':slots:total'
 local ws_procs_key = prefix .. ':ws:procs'
 local circuits_key = prefix .. ':circuits'
 
-local function ready_key(tenant) return prefix .. ':ready:' .. tenant end
-local function processing_key_of(worker) return prefix .. ':processing:' .. worker end
-local function rate_key(tenant) return prefix .. ':rate:' .. tenant end
-local function email_recipients_key(tenant) return prefix .. ':email-recipients:' .. tenant end
-local function replay_key(tenant) return prefix .. ':replay:' .. tenant end
+local function ready_key(tenant) return shard .. ':ready:' .. tenant end
+local function processing_key_of(worker) return shard .. ':processing:' .. worker end
+local function tenant_key(tenant) return prefix .. ':{t:' .. tenant .. '}' end
+local function rate_key(tenant) return tenant_key(tenant) .. ':rate' end
+local function email_recipients_key(tenant) return tenant_key(tenant) .. ':email-recipients' end
+local function replay_key(tenant) return tenant_key(tenant) .. ':replay' end
 local function ws_proc_key(process) return prefix .. ':ws:proc:' .. process end
 local function host_slots_key(host) return prefix .. ':host:' .. host .. ':slots' end
 local function host_breaker_key(host) return prefix .. ':host:' .. host .. ':breaker' end
@@ -46,7 +53,7 @@ end
 
 -- Wake up to n idle workers blocked on the wake list; the list stays short and expires.
 local function wake(n, max_tokens)
-  if n <= 0 then return end
+  if n <= 0 or max_tokens <= 0 then return end
   if n > max_tokens then n = max_tokens end
   local tokens = {}
   for i = 1, n do tokens[i] = '1' end

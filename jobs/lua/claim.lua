@@ -1,13 +1,15 @@
 -- ARGV: prefix, worker, count, wake_max, fair share (0 < f < 1; else off), reserve (slots),
--- claim_ttl (s: how long the worker's processing hash outlives its last claim or heartbeat).
--- Moves due delayed jobs to the ready sets, then takes up to `count` ids, one tenant per turn in
+-- claim_ttl (s: how long the worker's processing hash outlives its last claim or heartbeat),
+-- lend (1: lend slots to tenants over their share if nobody else here wants them; 0: not yet,
+-- the caller asks the other shards first). KEYS[1]: the shard. Moves due delayed jobs to the ready sets, then takes up to `count` ids, one tenant per turn in
 -- ring order, skipping tenants at their concurrency limit. A tenant already running its fair
 -- share of the cluster's slots is passed over while another tenant yields a job; if none does,
 -- it gets the slots after all (keeping `reserve` of the cluster's slots free). Returns
--- {ids, next due ms or -1}.
+-- {ids, next due ms or -1, 1 if a tenant over its share was passed over and not lent to}.
 local worker, count, wake_max = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local fair_share, reserve = tonumber(ARGV[5] or '0'), tonumber(ARGV[6] or '0')
 local claim_ttl = tonumber(ARGV[7])
+local lend = ARGV[8] ~= '0'
 local processing_key = processing_key_of(worker)
 local now = now_ms()
 
@@ -19,7 +21,7 @@ for _, member in ipairs(due) do
 end
 
 -- The cluster's slots: the concurrency of every registered worker (a dead one counts until
--- recovery takes it out of the workers set). Cached for a second, so a claim costs O(1) in
+-- recovery takes it out of the workers set), from the shard's copy the heartbeats keep. Cached for a second, so a claim costs O(1) in
 -- the number of workers; entries of workers that left are dropped here.
 local function cluster_slots()
   local cached = redis.call('GET', slots_total_key)
@@ -95,7 +97,7 @@ end
 -- No other tenant could use the slots left: lend them to the tenants over their share, round
 -- robin (idle capacity is not left unused), but keep `reserve` slots of the cluster free so a
 -- tenant whose first job arrives while long jobs fill the cluster starts at once.
-if #claimed < count and #over_share > 0 then
+if lend and #claimed < count and #over_share > 0 then
   local free = math.huge
   if reserve > 0 then
     free = slots
@@ -126,4 +128,6 @@ end
 local next_due = redis.call('ZRANGE', delayed_key, 0, 0, 'WITHSCORES')
 local next_due_ms = -1
 if #next_due > 0 then next_due_ms = tonumber(next_due[2]) end
-return {claimed, next_due_ms}
+local unlent = 0
+if not lend and #claimed < count and #over_share > 0 then unlent = 1 end
+return {claimed, next_due_ms, unlent}

@@ -1,4 +1,4 @@
--- ARGV: prefix, tenant, limit (recipients), cost (recipients), window (ms), token (unique).
+-- KEYS[1]: the tenant's base (P:{t:<tenant>}). ARGV: prefix, tenant, limit (recipients), cost (recipients), window (ms), token (unique).
 -- A sliding window of the recipients a tenant's email jobs addressed: each accepted request is
 -- one member "<token>:<cost>" of a sorted set scored by its time, and the window's total is kept
 -- beside it, so a call costs what expired since the last one, not a sum over the whole hour.

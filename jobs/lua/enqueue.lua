@@ -1,4 +1,4 @@
--- ARGV: prefix, wake_max, n, then (tenant, job id, ready score, run_at ms) for each of n jobs,
+-- KEYS[1]: the shard (every job here is of a tenant of it). ARGV: prefix, wake_max, n, then (tenant, job id, ready score, run_at ms) for each of n jobs,
 -- then m, then (channel, message) for each of m publishes, then (key, field, amount) counter
 -- increments until the end. One call indexes new jobs, announces them and counts them, so the
 -- API's after-commit work is one round trip (a worker's claim cannot come between them).

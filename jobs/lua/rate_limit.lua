@@ -1,4 +1,4 @@
--- ARGV: prefix, tenant, rate (per second), burst (jobs), cost (jobs).
+-- KEYS[1]: the tenant's base (P:{t:<tenant>}). ARGV: prefix, tenant, rate (per second), burst (jobs), cost (jobs).
 -- GCRA (a token bucket kept as one "theoretical arrival time"): allows `cost` jobs now if the
 -- tenant's bucket has room, else says how many ms until it will. Returns {allowed, retry_ms}.
 local tenant, rate, burst, cost = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])

@@ -1,4 +1,4 @@
--- ARGV: prefix, then (tenant, job id, ready score) per job. Removes them from ready and delayed.
+-- KEYS[1]: the shard (every job here is of a tenant of it). ARGV: prefix, then (tenant, job id, ready score) per job. Removes them from ready and delayed.
 local removed = 0
 for i = 2, #ARGV, 3 do
   local tenant, id, score = ARGV[i], ARGV[i + 1], ARGV[i + 2]

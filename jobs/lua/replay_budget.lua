@@ -1,4 +1,4 @@
--- ARGV: prefix, tenant, rate (rows/s), burst (rows), wanted (rows; negative gives rows back).
+-- KEYS[1]: the tenant's base (P:{t:<tenant>}). ARGV: prefix, tenant, rate (rows/s), burst (rows), wanted (rows; negative gives rows back).
 -- A token bucket of replayed rows per tenant: takes up to `wanted` rows. Returns
 -- {granted, ms until one row is available again (when none was granted)}.
 local tenant = ARGV[2]

@@ -1,4 +1,4 @@
--- ARGV: prefix, worker, 'all' | 'some', job ids (with 'some'), then wake_max (always last).
+-- KEYS[1]: the shard. ARGV: prefix, worker, 'all' | 'some', job ids (with 'some'), then wake_max (always last).
 -- Puts a worker's claimed ids back in the ready sets: on graceful stop (jobs it never started)
 -- and when another worker recovers a dead one ('all', which also forgets the worker).
 local worker, mode, wake_max = ARGV[2], ARGV[3], tonumber(ARGV[#ARGV])
@@ -23,6 +23,7 @@ end
 if mode == 'all' then
   redis.call('DEL', processing_key)
   redis.call('ZREM', workers_key, worker)
+  redis.call('HDEL', slots_key, worker)
 end
 wake(requeued, wake_max)
 return requeued

@@ -198,7 +198,7 @@ def test_database_down_is_503_and_queues_nothing(stack: Stack, redis_client: Any
     assert response.json() == {"error": "Database unavailable"}
     assert response.headers["Retry-After"]
     prefix = stack.env["JOBS_REDIS_PREFIX"]
-    assert list(redis_client.scan_iter(match=f"{prefix}:ready:*")) == []
+    assert list(redis_client.scan_iter(match=f"{prefix}:*:ready:*")) == []
     ready = httpx.get(f"{stack.base_url}/ready", timeout=10)
     assert ready.status_code == 503 and "database" in ready.json()["error"]
 

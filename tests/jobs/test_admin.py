@@ -16,6 +16,7 @@ from django.utils import timezone
 
 from jobs.admin import EstimatedCountPaginator
 from jobs.models import ApiKey, Job, JobStatus, Schedule, SigningSecret, Tenant
+from jobs.queue import Keys
 from jobs.selectors import signing_secrets_live
 from jobs.services import (
     JobSpec,
@@ -166,7 +167,7 @@ def test_retry_action_requeues_failed_jobs_in_redis_and_skips_others(
 ) -> None:
     failed = email_job(tenant, status=JobStatus.FAILED, attempts=3, error="boom")
     completed = email_job(tenant, status=JobStatus.COMPLETED, result={"sent": 1})
-    ready_key = f"{redis_prefix}:ready:{tenant.id}"
+    ready_key = Keys(redis_prefix).ready(tenant.id)
     assert redis_client.zscore(ready_key, str(failed.id)) is None
 
     response = action(admin_client, JOBS_URL, "retry_selected", [failed, completed])
@@ -197,7 +198,7 @@ def test_cancel_action_cancels_pending_jobs_and_removes_them_from_redis(
             tenant=tenant, spec=JobSpec(type="sleep", payload={"delayMs": 1000})
         )
     done = email_job(tenant, status=JobStatus.COMPLETED)
-    ready_key = f"{redis_prefix}:ready:{tenant.id}"
+    ready_key = Keys(redis_prefix).ready(tenant.id)
     assert redis_client.zscore(ready_key, str(pending.id)) is not None
 
     with django_capture_on_commit_callbacks(execute=True):

@@ -62,7 +62,7 @@ async def test_create_writes_the_row_queues_it_and_broadcasts_pending(
     row = await sync_to_async(job_row)(body["id"])
     assert row.status == JobStatus.PENDING and row.payload == SLEEP["payload"]
     queue = sync_queue()
-    assert queue.client.zscore(queue.key("ready", tenant.id), body["id"]) is not None
+    assert queue.client.zscore(queue.keys.ready(tenant.id), body["id"]) is not None
     assert [(u["jobId"], u["status"]) for u in updates] == [(body["id"], "PENDING")]
     created = queue.client.hget(f"{redis_prefix}:metrics:events", f"created|sleep|{tenant.id}")
     assert created == b"1"
@@ -140,7 +140,7 @@ async def test_batch_is_copied_in_order_and_queued(api: httpx.AsyncClient, tenan
     assert [str(job.id) for job in rows] == ids
     assert [job.payload["delayMs"] for job in rows] == list(range(1000))
     queue = sync_queue()
-    ready = queue.client.zrange(queue.key("ready", tenant.id), 0, -1)
+    ready = queue.client.zrange(queue.keys.ready(tenant.id), 0, -1)
     assert [i.decode() for i in ready] == ids
 
 

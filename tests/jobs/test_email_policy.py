@@ -15,6 +15,7 @@ from django.test import Client
 from jobs.handlers import PermanentError
 from jobs.handlers.email import EmailPayload, send_email
 from jobs.models import Job, JobStatus, Tenant
+from jobs.queue import Keys
 from jobs.services import JobSpec, job_enqueue
 from tests.support.api import SLEEP, asgi_api, assert_error, post
 from tests.support.handlers import make_ctx, run_sync
@@ -183,14 +184,14 @@ def test_a_batch_over_the_recipient_budget_is_refused_whole(
     assert post(client, "/jobs/batch", rest, api_key).status_code == 201
     assert Job.objects.filter(tenant_id="tenant-1").count() == 4
     # Counted in Redis, under the deployment's prefix, and expiring.
-    key = f"{redis_prefix}:email-recipients:tenant-1"
+    key = Keys(redis_prefix).email_recipients("tenant-1")
     assert int(redis_client.get(f"{key}:total")) == 120
     assert 0 < redis_client.pttl(key) <= 3_600_000
 
     # Another tenant has a budget of its own.
     theirs = {"jobs": [email_job(to=addresses(50)), email_job(to=addresses(50))]}
     assert post(client, "/jobs/batch", theirs, other_api_key).status_code == 201
-    assert int(redis_client.get(f"{redis_prefix}:email-recipients:tenant-2:total")) == 100
+    assert int(redis_client.get(Keys(redis_prefix).email_recipients_total("tenant-2"))) == 100
 
 
 @pytest.fixture
@@ -270,7 +271,7 @@ def test_recipients_older_than_an_hour_no_longer_count(
     assert post(client, "/jobs", email_job(to=addresses(10)), api_key).status_code == 201
     assert_error(post(client, "/jobs", email_job(), api_key), 429)
     # An hour (and a millisecond) passes for that request: its entry in the window ages.
-    key = f"{redis_prefix}:email-recipients:tenant-1"
+    key = Keys(redis_prefix).email_recipients("tenant-1")
     (member,) = redis_client.zrange(key, 0, -1)
     redis_client.zadd(key, {member: time.time() * 1000 - 3_600_001})
     assert post(client, "/jobs", email_job(to=addresses(10)), api_key).status_code == 201

@@ -236,7 +236,7 @@ def test_a_held_outcome_writes_pending_later_with_the_attempt_given_back(tenant:
     assert [(u["jobId"], u["status"]) for u in updates] == [(str(job.id), "PENDING")]
     # Indexed for later (the delayed set), counted as held, not as a retry.
     queue = sync_queue()
-    delayed = queue.client.zrange(queue.keys.delayed, 0, -1, withscores=True)
+    delayed = queue.client.zrange(queue.keys.delayed(), 0, -1, withscores=True)
     assert [(m.decode().rsplit("|", 1)[1], int(s)) for m, s in delayed] == [
         (str(job.id), int(until.timestamp() * 1000))
     ]

@@ -14,7 +14,7 @@ from django.utils import timezone
 from jobs import lifecycle
 from jobs.lifecycle import Outcome, RetryPolicy, put_back_fields
 from jobs.models import Job, JobStatus, Tenant
-from jobs.queue import Queue
+from jobs.queue import Keys, Queue
 from tests.support.updates import listen_to_tenant
 
 POLICY = RetryPolicy(base_ms=1000, max_ms=8000)
@@ -100,7 +100,7 @@ def test_publish_indexes_runnable_jobs_broadcasts_all_and_counts_the_event(
         (str(pending.id), "PENDING"),
         (str(cancelled.id), "CANCELLED"),
     ]
-    ready = redis_client.zrange(f"{redis_prefix}:ready:{tenant.id}", 0, -1)
+    ready = redis_client.zrange(Keys(redis_prefix).ready(tenant.id), 0, -1)
     assert ready == [str(pending.id).encode()]
     counted = redis_client.hget(f"{redis_prefix}:metrics:events", f"created|sleep|{tenant.id}")
     assert int(counted) == 2

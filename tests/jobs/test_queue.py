@@ -104,8 +104,8 @@ def test_duplicate_push_is_one_entry(
 ) -> None:
     queue.enqueue([entry("t", "x")])
     queue.enqueue([entry("t", "x")])
-    assert redis_client.zcard(f"{redis_prefix}:ready:t") == 1
-    assert redis_client.llen(f"{redis_prefix}:tenants") == 1
+    assert redis_client.zcard(Keys(redis_prefix).ready("t")) == 1
+    assert redis_client.llen(Keys(redis_prefix).ring()) == 1
 
 
 def test_delayed_job_moves_when_due(queue: Queue) -> None:
@@ -141,11 +141,11 @@ def test_requeue_all_returns_claims_of_a_dead_worker(
     queue.enqueue(entry("t", f"j{i}", age_s=i) for i in range(3))
     redis_client.zadd(f"{redis_prefix}:workers", {"dead": 1})
     assert claim(queue, 2, worker="dead") == ["j0", "j1"]
-    assert redis_client.hlen(f"{redis_prefix}:processing:dead") == 2
+    assert redis_client.hlen(Keys(redis_prefix).processing("dead")) == 2
     assert queue.requeue(worker="dead") == 2
-    assert redis_client.exists(f"{redis_prefix}:processing:dead") == 0
+    assert redis_client.exists(Keys(redis_prefix).processing("dead")) == 0
     assert redis_client.zscore(f"{redis_prefix}:workers", "dead") is None
-    assert redis_client.hget(f"{redis_prefix}:running", "t") is None
+    assert redis_client.hget(Keys(redis_prefix).running(), "t") is None
     assert claim(queue, 3, worker="alive") == ["j0", "j1", "j2"]
 
 
@@ -166,9 +166,9 @@ def test_running_count_follows_claims_and_releases(
 ) -> None:
     queue.enqueue(entry("t", f"j{i}", age_s=i) for i in range(3))
     claim(queue, 3)
-    assert int(redis_client.hget(f"{redis_prefix}:running", "t")) == 3
+    assert int(redis_client.hget(Keys(redis_prefix).running(), "t")) == 3
     queue.release(worker="w1", job_ids=["j0", "j1", "j2", "unknown"])
-    assert redis_client.hget(f"{redis_prefix}:running", "t") is None
+    assert redis_client.hget(Keys(redis_prefix).running(), "t") is None
 
 
 def fair_queue(
@@ -262,9 +262,9 @@ def test_fair_share_is_of_the_slots_of_registered_workers(
     # w2 stops (unregisters): 4 slots, a share of 2, which A's 3 jobs are over. The sum is
     # cached for a second.
     queue.requeue(worker="w2")
-    redis_client.delete(f"{redis_prefix}:slots:total")
+    redis_client.delete(Keys(redis_prefix).slots_total())
     assert claim(queue, 1) == ["b1"]
-    assert redis_client.hkeys(f"{redis_prefix}:slots") == [b"w1"]
+    assert redis_client.hkeys(Keys(redis_prefix).shard_slots()) == [b"w1"]
 
 
 # --- constants shared with the scripts --------------------------------------------------------

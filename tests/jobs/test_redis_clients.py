@@ -13,11 +13,13 @@ import redis
 
 from jobs.redis_clients import (
     MASTER_CHECK_S,
+    ClusterTarget,
     RedisUrlError,
     SentinelTarget,
     async_redis,
     check_redis_url,
     describe_redis_url,
+    parse_cluster_url,
     parse_sentinel_url,
     sync_redis,
 )
@@ -160,3 +162,42 @@ def test_no_password_in_the_error_when_no_sentinel_answers() -> None:
     for error in (raised.value, araised.value):
         assert "names a master for 'main'" in str(error)
         assert "pw" not in str(error)
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("redis://n1:7000", ClusterTarget(nodes=(("n1", 7000),))),
+        (
+            "rediss://u:p%40ss@n1:7000,n2,[::1]:7002/0",
+            ClusterTarget(
+                nodes=(("n1", 7000), ("n2", 6379), ("::1", 7002)),
+                username="u",
+                password="p@ss",
+                ssl=True,
+            ),
+        ),
+    ],
+)
+def test_cluster_urls(url: str, expected: ClusterTarget) -> None:
+    assert parse_cluster_url(url) == expected
+
+
+@pytest.mark.parametrize(
+    ("url", "reason"),
+    [
+        ("redis+sentinel://s1/m", "redis://host:port"),
+        ("redis://", "at least one host:port"),
+        ("redis://n1:7000/3", "no database"),
+        ("redis://n1:7000?cluster=1", "nor options"),
+        ("redis://n1:port", "bad cluster node"),
+    ],
+)
+def test_unreadable_cluster_urls_say_why(url: str, reason: str) -> None:
+    with pytest.raises(RedisUrlError, match=reason):
+        parse_cluster_url(url)
+
+
+def test_cluster_urls_are_described_without_passwords() -> None:
+    shown = describe_redis_url("redis://:secret@n1:7000,n2:7001")
+    assert shown == "redis://:***@n1:7000,n2:7001"

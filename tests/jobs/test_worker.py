@@ -194,7 +194,7 @@ def test_dead_workers_job_is_recovered_and_completed(tenant: Tenant, redis_clien
     job.refresh_from_db()
     assert job.status == JobStatus.COMPLETED
     assert job.attempts == 2
-    assert redis_client.exists(queue.key("processing", "dead")) == 0
+    assert redis_client.exists(queue.keys.processing("dead")) == 0
 
 
 def test_recovery_fails_job_when_attempts_are_used_up(tenant: Tenant) -> None:
@@ -287,7 +287,7 @@ def test_cold_stop_puts_unfinished_jobs_back(tenant: Tenant, redis_client: Any) 
     asyncio.run(scenario())
     job.refresh_from_db()
     assert job.status == JobStatus.PENDING and job.attempts == 0 and job.lease_token is None
-    ready = sync_queue().key("ready", tenant.id)
+    ready = sync_queue().keys.ready(tenant.id)
     assert redis_client.zscore(ready, str(job.id)) is not None
 
 
@@ -351,8 +351,8 @@ def test_cancelled_pending_job_never_runs(tenant: Tenant, redis_client: Any) -> 
     job_cancel(tenant=tenant, job_id=job.id)
     job_cancel(tenant=tenant, job_id=later.id)
     queue = sync_queue()
-    assert redis_client.zcard(queue.key("ready", tenant.id)) == 0
-    assert redis_client.zcard(queue.key("delayed")) == 0
+    assert redis_client.zcard(queue.keys.ready(tenant.id)) == 0
+    assert redis_client.zcard(queue.keys.delayed()) == 0
     run_burst()
     for cancelled in (job, later):
         cancelled.refresh_from_db()
@@ -472,11 +472,11 @@ def test_worker_restarted_under_its_name_returns_its_old_claims(
     queue.set_tenant_limit(tenant.id, 1)
     # An earlier process named "same" claimed the job in Redis and died before the database.
     assert parse_claim(queue.claim(worker="same", count=1)).job_ids == [str(job.id)]
-    assert int(redis_client.hget(queue.key("running"), tenant.id)) == 1
+    assert int(redis_client.hget(queue.keys.running(), tenant.id)) == 1
     run_burst(name="same")
     job.refresh_from_db()
     assert job.status == JobStatus.COMPLETED
-    assert redis_client.hget(queue.key("running"), tenant.id) is None
+    assert redis_client.hget(queue.keys.running(), tenant.id) is None
 
 
 def test_database_error_during_a_claim_puts_the_ids_back(tenant: Tenant, redis_client: Any) -> None:
@@ -495,9 +495,9 @@ def test_database_error_during_a_claim_puts_the_ids_back(tenant: Tenant, redis_c
 
     asyncio.run(scenario())
     queue = sync_queue()
-    assert redis_client.zscore(queue.key("ready", tenant.id), str(job.id)) is not None
-    assert redis_client.hget(queue.key("running"), tenant.id) is None
-    assert redis_client.keys(f"{queue.prefix}:processing:*") == []
+    assert redis_client.zscore(queue.keys.ready(tenant.id), str(job.id)) is not None
+    assert redis_client.hget(queue.keys.running(), tenant.id) is None
+    assert redis_client.keys(f"{queue.prefix}:*:processing:*") == []
 
 
 def test_an_unreadable_row_is_failed_alone_and_the_batch_runs(

@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import redis
+from redis.crc import key_slot
 
 from tests.support.redis_server import PrivateRedis
 
@@ -68,6 +69,32 @@ class RedisCluster:
     def url(self) -> str:
         """One node's URL, as an operator would give it."""
         return self.nodes[0].url
+
+    @property
+    def cluster_url(self) -> str:
+        """Every node, as `REDIS_CLUSTER_URL` takes them (a client starts from any live one)."""
+        return "redis://" + ",".join(f"127.0.0.1:{node.port}" for node in self.nodes)
+
+    def master_of(self, key: str) -> ClusterNode:
+        """The node serving `key`'s slot, as a running node sees the cluster now."""
+        slot = key_slot(key.encode())
+        live = next(node for node in self.nodes if node.proc is not None)
+        for start, end, master, *_ in live.client().execute_command("CLUSTER", "SLOTS"):
+            if start <= slot <= end:
+                return next(node for node in self.nodes if node.port == int(master[1]))
+        raise AssertionError(f"no node serves slot {slot}")
+
+    def wait_moved(self, key: str, old: ClusterNode, *, timeout: float) -> float:
+        """Seconds until a node other than `old` serves `key`'s slot and the cluster is ok."""
+        started = time.monotonic()
+        while time.monotonic() - started < timeout:
+            try:
+                if self.master_of(key) is not old and self.state_ok():
+                    return time.monotonic() - started
+            except redis.RedisError:
+                pass
+            time.sleep(0.05)
+        raise AssertionError(f"{key}'s slot did not fail over")
 
     def client(self) -> redis.RedisCluster:
         return redis.RedisCluster(host="127.0.0.1", port=self.nodes[0].port, socket_timeout=2)
