@@ -4,6 +4,7 @@ and the idempotency and schedule keys held unique without a unique index on the 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -18,7 +19,9 @@ from jobs import partitions
 from jobs.counts import exact_job_counts, job_counts
 from jobs.maintenance import jobs_prune
 from jobs.models import Job, JobDependency, JobStatus, Tenant
+from jobs.queue import async_queue, close_async_queue
 from jobs.store import insert_unless_taken
+from jobs.upkeep import Upkeep
 from tests.support.jobs import make_job
 
 pytestmark = pytest.mark.django_db
@@ -66,6 +69,34 @@ def test_partitions_are_made_for_this_period_and_the_next_once(settings: Any) ->
         datetime(2032, 1, 1, tzinfo=UTC),
         datetime(2032, 4, 1, tzinfo=UTC),
     )
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_workers_upkeep_makes_a_missing_partition_once(redis_prefix: str) -> None:
+    # The month turned with no worker running: next month's partition is missing.
+    start = partitions.add_months(partitions.period_start(timezone.now(), 1), 1)
+    name = f"jobs_job_p{start:%Y%m}"
+    with connection.cursor() as cursor:
+        cursor.execute(f"DROP TABLE {name}")
+
+    async def two_workers() -> list[list[str]]:
+        try:
+            return [
+                await Upkeep(
+                    name=worker,
+                    queue=async_queue(),
+                    jobs=None,  # type: ignore[arg-type]
+                    transitions=None,  # type: ignore[arg-type]
+                    lease_s=30,
+                    reconcile_interval_s=30,
+                ).ensure_partitions()
+                for worker in ("w1", "w2")
+            ]
+        finally:
+            await close_async_queue()
+
+    assert asyncio.run(two_workers()) == [[name], []]
+    assert start in {part.start for part in partitions.partitions()}
 
 
 def test_an_idempotency_key_stays_unique_across_partitions(tenant: Tenant) -> None:
