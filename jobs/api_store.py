@@ -31,6 +31,8 @@ TABLE = Job._meta.db_table
 _VALUES = f"INSERT INTO {TABLE} ({COLUMNS}) VALUES ({', '.join(['%s'] * len(FIELDS))})"
 # The cursor is the database's (a trigger sets it, jobs/cursors.py): every insert reads it back.
 _INSERT = f"{_VALUES} RETURNING cursor"
+# The primary key of jobs_jobkey, where each tenant's idempotency keys are unique (0010).
+KEY_CONSTRAINT = "jobs_jobkey_pkey"
 _CURSORS = f"SELECT id, cursor FROM {TABLE} WHERE id = ANY(%s)"
 _SELECT_ONE = f"SELECT {COLUMNS} FROM {TABLE} WHERE id = %s AND tenant_id = %s"
 _SELECT_IDEMPOTENT = f"SELECT {COLUMNS} FROM {TABLE} WHERE tenant_id = %s AND idempotency_key = %s"
@@ -73,7 +75,9 @@ async def insert_idempotent(job: Job) -> bool:
         async with _connection() as conn:
             cursor = await conn.execute(_INSERT, _row(job))
             (job.cursor,) = await cursor.fetchone()
-    except UniqueViolation:
+    except UniqueViolation as exc:
+        if exc.diag.constraint_name != KEY_CONSTRAINT:
+            raise
         return False
     return True
 

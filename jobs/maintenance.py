@@ -47,6 +47,7 @@ def jobs_prune(*, older_than: timedelta, batch_size: int, dry_run: bool) -> int:
     deleted = 0
     if partitions.enabled():
         partitions.partitions_ensure()
+        deleted += partitions.partitions_drop_detached(cutoff=cutoff)
         for part in partitions.partitions():
             dropped = partitions.partition_drop(part, cutoff=cutoff)
             if dropped is not None:

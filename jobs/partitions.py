@@ -141,10 +141,9 @@ def partition_drop(part: Partition, *, cutoff: datetime) -> int | None:
 
     First a check without locks (most partitions that are kept are kept here). Then DETACH in a
     transaction of its own: it takes an ACCESS EXCLUSIVE lock on jobs_job for a moment (waiting
-    at most LOCK_TIMEOUT), after which no statement reaches the rows. The detached table is
-    checked again: a job retried in between is moved back into jobs_job (it lands in the
-    DEFAULT partition), so no unfinished job is ever lost. Then the counts, idempotency keys,
-    schedule due times and workflow edges of the rows are removed, and the table dropped."""
+    at most LOCK_TIMEOUT), after which no statement reaches the rows; the table is marked as
+    detached by this module (a comment), so that if this process stops before the end, the
+    next prune finishes the drop (`partitions_drop_detached`). Then `_drop_detached`."""
     if part.end > cutoff:
         return None
     with connection.cursor() as cursor:
@@ -154,13 +153,42 @@ def partition_drop(part: Partition, *, cutoff: datetime) -> int | None:
         with transaction.atomic(), connection.cursor() as cursor:
             cursor.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
             cursor.execute(f"ALTER TABLE {TABLE} DETACH PARTITION {part.name}")
+            cursor.execute(f"COMMENT ON TABLE {part.name} IS '{DETACHED}'")
     except DatabaseError as exc:
         logger.warning("partition %s not detached: %s", part.name, exc)
         return None
-    name = part.name
+    return _drop_detached(part.name, cutoff=cutoff)
+
+
+DETACHED = "jobs_job partition detached by prune_jobs, to be dropped"
+
+
+def partitions_drop_detached(*, cutoff: datetime) -> int:
+    """Finish the drops a stopped prune left half done (tables detached, not dropped); how
+    many jobs went."""
+    if not enabled():
+        return 0
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT c.relname FROM pg_class AS c WHERE c.relkind = 'r' "
+            "AND c.relnamespace = to_regnamespace(current_schema()) "
+            "AND obj_description(c.oid, 'pg_class') = %s",
+            [DETACHED],
+        )
+        names = [name for (name,) in cursor.fetchall()]
+    return sum(_drop_detached(name, cutoff=cutoff) for name in names)
+
+
+def _drop_detached(name: str, *, cutoff: datetime) -> int:
+    """Drop a detached partition: its rows' job counts, idempotency keys, schedule due times
+    and workflow edges go with it, in one transaction. A job that must stay (retried between
+    the check and the DETACH) is copied back into jobs_job first (it lands in the DEFAULT
+    partition), so no unfinished job is ever lost. Returns how many jobs were dropped."""
+    kept = (
+        f"status NOT IN ({_TERMINAL}) OR finished_at IS NULL OR finished_at >= %s "
+        "OR dependents_waiting"
+    )
     with transaction.atomic(), connection.cursor() as cursor:
-        kept = f"status NOT IN ({_TERMINAL}) OR finished_at IS NULL OR finished_at >= %s"
-        kept += " OR dependents_waiting"
         # Counts first, for every row (moved rows are counted again by the insert's trigger).
         cursor.execute(
             "INSERT INTO jobs_jobcount AS c (backend, status, type, n) "
@@ -169,12 +197,12 @@ def partition_drop(part: Partition, *, cutoff: datetime) -> int | None:
             "ON CONFLICT (backend, status, type) DO UPDATE SET n = c.n + excluded.n"
         )
         cursor.execute(
-            "DELETE FROM jobs_jobkey AS k USING " + name + " AS j "
+            f"DELETE FROM jobs_jobkey AS k USING {name} AS j "
             "WHERE k.tenant_id = j.tenant_id AND k.idempotency_key = j.idempotency_key "
             "AND k.job_id = j.id"
         )
         cursor.execute(
-            "DELETE FROM jobs_jobscheduledue AS d USING " + name + " AS j "
+            f"DELETE FROM jobs_jobscheduledue AS d USING {name} AS j "
             "WHERE d.schedule_id = j.schedule_id AND d.scheduled_for = j.scheduled_for "
             "AND d.job_id = j.id"
         )
@@ -185,8 +213,8 @@ def partition_drop(part: Partition, *, cutoff: datetime) -> int | None:
             )
             cursor.execute(f"DELETE FROM {name} WHERE {kept}", [cutoff])
         cursor.execute(
-            "DELETE FROM jobs_jobdependency WHERE parent_id IN (SELECT id FROM " + name + ") "
-            "OR child_id IN (SELECT id FROM " + name + ")"
+            f"DELETE FROM jobs_jobdependency WHERE parent_id IN (SELECT id FROM {name}) "
+            f"OR child_id IN (SELECT id FROM {name})"
         )
         cursor.execute(f"SELECT count(*) FROM {name}")
         (dropped,) = cursor.fetchone()
