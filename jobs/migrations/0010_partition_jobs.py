@@ -16,7 +16,8 @@ fails. A unique index on a partitioned table must include the partition key, hen
 
 An existing table is converted in this migration's transaction: the table is locked (ACCESS
 EXCLUSIVE: nothing reads or writes jobs meanwhile), renamed, a partitioned copy is made with a
-partition for every period that has rows up to the next one, the rows are copied unchanged
+partition for every period that has rows (up to the next period) and for the current and next
+periods, the rows are copied unchanged
 (cursors included: the triggers are created after the copy), and the indexes, the foreign key to
 the tenant and the triggers are created again on the new table from the old one's definitions.
 The reverse makes an ordinary table again, the same way. Self-contained on purpose (a migration
@@ -74,7 +75,8 @@ KEYS = [
         IF NOT FOUND THEN
             RAISE unique_violation USING CONSTRAINT = 'jobs_jobkey_pkey', TABLE = 'jobs_jobkey',
             MESSAGE = 'duplicate key value violates unique constraint "jobs_jobkey_pkey"',
-            DETAIL = format('Key (tenant_id, idempotency_key)=(%s, %s) already exists.', tenant, key);
+            DETAIL = format('Key (tenant_id, idempotency_key)=(%s, %s) already exists.',
+                            tenant, key);
         END IF;
     END
     $$
@@ -90,7 +92,8 @@ KEYS = [
             RAISE unique_violation USING CONSTRAINT = 'jobs_jobscheduledue_pkey',
             TABLE = 'jobs_jobscheduledue',
             MESSAGE = 'duplicate key value violates unique constraint "jobs_jobscheduledue_pkey"',
-            DETAIL = format('Key (schedule_id, scheduled_for)=(%s, %s) already exists.', schedule, due);
+            DETAIL = format('Key (schedule_id, scheduled_for)=(%s, %s) already exists.',
+                            schedule, due);
         END IF;
     END
     $$
@@ -276,20 +279,25 @@ def _rebuild(schema_editor: Any, *, partitioned: bool) -> None:
     if partitioned:
         run(f"CREATE TABLE {TABLE} {like} PARTITION BY RANGE (created_at)")
         months = _months()
-        ((oldest, newest),) = _fetch(
-            schema_editor, f"SELECT min(created_at), max(created_at) FROM {OLD}"
-        )
         now = datetime.now(UTC)
-        start = _period_start(min(oldest or now, now), months)
-        last = _period_start(max(newest or now, now), months)
-        last = _add_months(last, months)  # the next period is ready before it begins
-        while start <= last:
+        # A partition for each period that has rows, up to the next one, and for the current
+        # and the next period; rows of later periods (a clock far off) go to the DEFAULT one.
+        current = _period_start(now, months)
+        last = _add_months(current, months)
+        starts = {current, last}
+        for (month,) in _fetch(
+            schema_editor,
+            f"SELECT DISTINCT date_trunc('month', created_at AT TIME ZONE 'UTC') FROM {OLD}",
+        ):
+            start = _period_start(month.replace(tzinfo=UTC), months)
+            if start <= last:
+                starts.add(start)
+        for start in sorted(starts):
             end = _add_months(start, months)
             run(
                 f"CREATE TABLE {TABLE}_p{start:%Y%m} PARTITION OF {TABLE} "
                 f"FOR VALUES FROM ('{start.isoformat()}') TO ('{end.isoformat()}')"
             )
-            start = end
         run(f"CREATE TABLE {DEFAULT_PARTITION} PARTITION OF {TABLE} DEFAULT")
     else:
         run(f"CREATE TABLE {TABLE} {like}")
