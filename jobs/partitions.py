@@ -22,6 +22,7 @@ from django.db.backends.utils import CursorWrapper
 from django.utils import timezone
 
 from jobs import pg
+from jobs.api_store import COLUMNS
 from jobs.models import TERMINAL_STATUSES, Job
 
 logger = logging.getLogger(__name__)
@@ -206,7 +207,9 @@ def _drop_detached(name: str, *, cutoff: datetime) -> int:
             "WHERE d.schedule_id = j.schedule_id AND d.scheduled_for = j.scheduled_for "
             "AND d.job_id = j.id"
         )
-        cursor.execute(f"INSERT INTO {TABLE} SELECT * FROM {name} WHERE {kept}", [cutoff])
+        cursor.execute(
+            f"INSERT INTO {TABLE} ({COLUMNS}) SELECT {COLUMNS} FROM {name} WHERE {kept}", [cutoff]
+        )
         if cursor.rowcount:
             logger.warning(
                 "partition %s: %d jobs changed after the check, moved back", name, cursor.rowcount
