@@ -258,6 +258,8 @@ JOBS = {
     # have, and how many schedules one tenant may keep.
     "SCHEDULE_MIN_EVERY_S": env_int("JOBS_SCHEDULE_MIN_EVERY_S", 1, minimum=1),
     "MAX_SCHEDULES_PER_TENANT": env_int("JOBS_MAX_SCHEDULES_PER_TENANT", 100, minimum=0),
+    # PostgreSQL: months of jobs per partition of jobs_job (by created_at, docs/operations.md).
+    "PARTITION_MONTHS": env_int("JOBS_PARTITION_MONTHS", 1, minimum=1),
     # How the API's hot endpoints reach the database: "postgres" (psycopg's async pool on the
     # event loop, jobs/api_store.py) or "orm" (the ORM in a thread: SQLite, and unit tests, whose
     # data lives in a transaction only Django's own connection sees).

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from django.conf import settings
+from psycopg.errors import UniqueViolation
 from psycopg.types.json import Jsonb
 
 from jobs.models import Job
@@ -30,10 +31,8 @@ TABLE = Job._meta.db_table
 _VALUES = f"INSERT INTO {TABLE} ({COLUMNS}) VALUES ({', '.join(['%s'] * len(FIELDS))})"
 # The cursor is the database's (a trigger sets it, jobs/cursors.py): every insert reads it back.
 _INSERT = f"{_VALUES} RETURNING cursor"
-_INSERT_IDEMPOTENT = (
-    f"{_VALUES} ON CONFLICT (tenant_id, idempotency_key) WHERE idempotency_key IS NOT NULL "
-    "DO NOTHING RETURNING cursor"
-)
+# The primary key of jobs_jobkey, where each tenant's idempotency keys are unique (0010).
+KEY_CONSTRAINT = "jobs_jobkey_pkey"
 _CURSORS = f"SELECT id, cursor FROM {TABLE} WHERE id = ANY(%s)"
 _SELECT_ONE = f"SELECT {COLUMNS} FROM {TABLE} WHERE id = %s AND tenant_id = %s"
 _SELECT_IDEMPOTENT = f"SELECT {COLUMNS} FROM {TABLE} WHERE tenant_id = %s AND idempotency_key = %s"
@@ -70,12 +69,16 @@ async def insert_job(job: Job) -> None:
 
 async def insert_idempotent(job: Job) -> bool:
     """INSERT a job carrying an idempotency key; False if the tenant already has that key."""
-    async with _connection() as conn:
-        cursor = await conn.execute(_INSERT_IDEMPOTENT, _row(job))
-        row = await cursor.fetchone()
-    if row is None:
+    # The key is unique in the database (the side table jobs_jobkey, migration 0010): a taken
+    # key raises a unique violation, and a failed autocommit statement leaves nothing behind.
+    try:
+        async with _connection() as conn:
+            cursor = await conn.execute(_INSERT, _row(job))
+            (job.cursor,) = await cursor.fetchone()
+    except UniqueViolation as exc:
+        if exc.diag.constraint_name != KEY_CONSTRAINT:
+            raise
         return False
-    (job.cursor,) = row
     return True
 
 

@@ -29,7 +29,7 @@ from django.db import transaction
 from django.db.models import JSONField, Min
 from django.utils import timezone
 
-from jobs import cursors, events, lifecycle
+from jobs import cursors, events, lifecycle, store
 from jobs.handlers.event_delivery import MAX_ATTEMPTS
 from jobs.models import EventDelivery, EventSubscription, Job, JobChange, JobStatus
 from jobs.schemas import job_json
@@ -131,12 +131,11 @@ def dispatch_subscription(*, subscription_id: uuid.UUID, upto: int, limit: int) 
             ).values_list("idempotency_key", flat=True)
         )
         new = [job for job in deliveries if job.idempotency_key not in existing]
-        Job.objects.bulk_create(new, ignore_conflicts=True)
+        new = store.insert_unless_taken(new)
         subscription.cursor = changes[-1].cursor if len(changes) == limit else upto
         subscription.save(update_fields=["cursor"])
-        # A row a concurrent pass inserted first has no cursor here: it is that pass's to publish.
+        # A row a concurrent pass inserted first was skipped: it is that pass's to publish.
         cursors.fill(new)
-        new = [job for job in new if job.cursor is not None]
         lifecycle.publish_on_commit(new, event=lifecycle.CREATED)
     return new
 

@@ -1,4 +1,5 @@
-"""Operator maintenance: pruning finished jobs past their retention period."""
+"""Operator maintenance: pruning finished jobs past their retention period (whole partitions of
+jobs_job where they can go at once, jobs/partitions.py, and row by row the rest)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from datetime import timedelta
 
 from django.utils import timezone
 
+from jobs import partitions
 from jobs.counts import job_counts_fold
 from jobs.models import TERMINAL_STATUSES, Job
 
@@ -30,8 +32,10 @@ def parse_duration_arg(value: str) -> timedelta:
 
 
 def jobs_prune(*, older_than: timedelta, batch_size: int, dry_run: bool) -> int:
-    """Delete finished jobs whose `finished_at` is older than `older_than`, `batch_size` rows at
-    a time; returns how many were deleted (or would be, with `dry_run`)."""
+    """Delete finished jobs whose `finished_at` is older than `older_than`; returns how many were
+    deleted (or would be, with `dry_run`). On a partitioned jobs_job, a partition that lies
+    before the cutoff and holds only such jobs is dropped whole; the rest go `batch_size` rows
+    at a time. Also creates the partitions of this period and the next where missing."""
     if batch_size < 1:
         raise ValueError("batch_size must be at least 1")
     cutoff = timezone.now() - older_than
@@ -41,6 +45,13 @@ def jobs_prune(*, older_than: timedelta, batch_size: int, dry_run: bool) -> int:
         return prunable.count()
 
     deleted = 0
+    if partitions.enabled():
+        partitions.partitions_ensure()
+        deleted += partitions.partitions_drop_detached(cutoff=cutoff)
+        for part in partitions.partitions():
+            dropped = partitions.partition_drop(part, cutoff=cutoff)
+            if dropped is not None:
+                deleted += dropped
     while True:
         # order_by() drops the model's default ordering: no sort is needed to pick a batch.
         ids = list(prunable.order_by().values_list("id", flat=True)[:batch_size])

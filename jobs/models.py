@@ -165,6 +165,9 @@ class Job(models.Model):
                 name="job_dependents_waiting",
             ),
         ]
+        # On PostgreSQL jobs_job is partitioned by created_at (migration 0010) and these two
+        # are not indexes of it: the side tables jobs_jobkey and jobs_jobscheduledue, written
+        # by triggers, hold the same keys unique and raise the same IntegrityError.
         constraints = [
             models.UniqueConstraint(
                 fields=["tenant", "idempotency_key"],
@@ -189,10 +192,18 @@ class JobDependency(models.Model):
     closed when the parent's end is settled, or from the start when the parent had already
     ended at the child's creation. Read by parent (release) and by child (the admin)."""
 
+    # Plain columns in the database (no foreign key constraint): on PostgreSQL jobs_job is
+    # partitioned and its id alone is no unique key. Deletes through Django still cascade.
     parent = models.ForeignKey(
-        Job, on_delete=models.CASCADE, related_name="dependent_edges", db_index=False
+        Job,
+        on_delete=models.CASCADE,
+        related_name="dependent_edges",
+        db_index=False,
+        db_constraint=False,
     )
-    child = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="dependency_edges")
+    child = models.ForeignKey(
+        Job, on_delete=models.CASCADE, related_name="dependency_edges", db_constraint=False
+    )
     open = models.BooleanField(default=True)
 
     class Meta:

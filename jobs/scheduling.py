@@ -38,7 +38,7 @@ from django.db.models.functions import Now
 from django.utils import timezone
 from pydantic import ValidationError
 
-from jobs import cursors, lifecycle
+from jobs import cursors, lifecycle, store
 from jobs.email_budget import check_recipient_budget
 from jobs.errors import ApiError
 from jobs.handlers import validate_payload
@@ -309,11 +309,10 @@ def _insert_job(schedule: Schedule, spec: dict[str, Any], *, due: datetime) -> J
         schedule_id=schedule.id,
         scheduled_for=due,
     )
-    Job.objects.bulk_create([job], ignore_conflicts=True)
-    cursors.fill([job])
-    if job.cursor is None:
+    if not store.insert_unless_taken([job]):
         logger.warning("schedule %s: a job for %s exists already", schedule.id, due.isoformat())
         return None
+    cursors.fill([job])
     lifecycle.publish_on_commit([job], event=lifecycle.CREATED)
     return job
 

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import psycopg
 from django.conf import settings
-from django.db import close_old_connections, connection, transaction
+from django.db import IntegrityError, close_old_connections, connection, transaction
 from django.db.models import F
 from django.utils import timezone
 
@@ -129,6 +129,31 @@ class JobStore:
 
 
 # --- the statements (sync, each its own transaction) ---------------------------------------------
+def insert_unless_taken(jobs: list[Job]) -> list[Job]:
+    """Insert jobs whose unique keys (idempotency key, schedule and due time) another insert
+    may have taken; returns those inserted, skipping the others as `ON CONFLICT DO NOTHING`
+    did before jobs_job was partitioned (the keys are unique in side tables written by
+    triggers, migration 0010, which raise instead). In the caller's transaction: one savepoint
+    for all, one per job only when some key was taken."""
+    if not jobs:
+        return []
+    try:
+        with transaction.atomic():
+            Job.objects.bulk_create(jobs)
+        return list(jobs)
+    except IntegrityError:
+        pass
+    inserted = []
+    for job in jobs:
+        try:
+            with transaction.atomic():
+                Job.objects.bulk_create([job])
+        except IntegrityError:
+            continue
+        inserted.append(job)
+    return inserted
+
+
 def _lease() -> timedelta:
     return timedelta(seconds=settings.JOBS["LEASE_S"])
 

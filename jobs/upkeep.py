@@ -4,6 +4,7 @@ claims and leases of workers that died, settle the dependents of jobs that ended
 concurrency limits into Redis, and push PENDING jobs that Redis lost (flushed, restarted, a push
 that failed); on a loop of its own, dispatch the events of tenants' jobs to their subscriptions
 (jobs/events_dispatch.py); and on another, fire the schedules that are due (jobs/scheduling.py).
+Once an hour it also creates the partitions of jobs_job ahead of time (jobs/partitions.py).
 Each task runs and fails on its own: one that keeps failing (a row it cannot read, say) must
 not stop the others."""
 
@@ -17,7 +18,7 @@ from datetime import timedelta
 
 from django.utils import timezone
 
-from jobs import events_dispatch, scheduling
+from jobs import events_dispatch, partitions, scheduling
 from jobs.lifecycle import WorkerTransitions
 from jobs.orm import orm
 from jobs.queue import Queue, entry_for
@@ -27,6 +28,8 @@ logger = logging.getLogger("jobs.worker")
 
 RECONCILE_BATCH = 1000
 RECONCILE_LOCK = "reconcile"
+PARTITIONS_LOCK = "partitions"
+PARTITIONS_EVERY_S = 3600
 
 
 class Upkeep:
@@ -62,8 +65,11 @@ class Upkeep:
     async def _maintain_forever(self) -> None:
         """Recovery and limit sync every third of a lease, reconciliation every interval."""
         every = max(0.5, self.lease_s / 3)
-        last_reconcile = 0.0
+        last_reconcile = last_partitions = -float("inf")
         while True:
+            if time.monotonic() - last_partitions >= PARTITIONS_EVERY_S:
+                last_partitions = time.monotonic()
+                await self._each("partitions", self.ensure_partitions)
             await self._each("recovery", self.recover)
             await self._each("dependency settling", self.settle_dependencies)
             await self._each("limit sync", self.sync_limits)
@@ -118,6 +124,13 @@ class Upkeep:
             return 0
         trimmed = await orm(events_dispatch.trim_logs, thread_sensitive=False)()
         return trimmed + await orm(events_dispatch.prune_changes, thread_sensitive=False)()
+
+    async def ensure_partitions(self) -> list[str]:
+        """Create the partitions of jobs_job for this period and the next where missing (one
+        worker at a time); the names created."""
+        if not await self.queue.try_lock(PARTITIONS_LOCK, owner=self.name, ttl_s=60):
+            return []
+        return await orm(partitions.partitions_ensure, thread_sensitive=False)()
 
     async def _each(self, task: str, run: Callable[[], Awaitable[object]]) -> None:
         try:
