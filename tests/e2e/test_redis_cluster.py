@@ -11,15 +11,11 @@ server or a Sentinel set)."""
 
 from __future__ import annotations
 
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from django.db.models import Max, Min
 from django.utils import timezone
@@ -29,7 +25,7 @@ from jobs.queue import Keys
 from jobs.services import api_key_create
 from tests.e2e.test_metrics import METRICS_TOKEN, scrape
 from tests.support.redis_cluster import RedisCluster, redis_cluster
-from tests.support.stack import Stack, wait_until
+from tests.support.stack import Stack, producing, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 
@@ -129,43 +125,6 @@ def test_tenants_on_different_masters_all_complete_and_fairly(stack: Stack, tmp_
     )
     assert left > 100, "the flood should still be queued when the small tenant's jobs ran"
     assert max(waits) < 2.0
-
-
-@contextmanager
-def producing(stack: Stack, keys: list[str]) -> Iterator[tuple[list[str], list[str]]]:
-    """Jobs created one by one, the tenants in turn, in a thread: (ids created, failures)."""
-    created: list[str] = []
-    failures: list[str] = []
-    stop = threading.Event()
-
-    def produce() -> None:
-        with httpx.Client(timeout=15) as client:
-            n = 0
-            while not stop.is_set():
-                key = keys[n % len(keys)]
-                n += 1
-                try:
-                    response = client.post(
-                        f"{stack.base_url}/jobs",
-                        json=SLEEP_20,
-                        headers={"Authorization": f"Bearer {key}"},
-                    )
-                except httpx.HTTPError as exc:
-                    failures.append(repr(exc))
-                    continue
-                if response.status_code == 201:
-                    created.append(response.json()["id"])
-                else:
-                    failures.append(f"{response.status_code} {response.text[:200]}")
-                time.sleep(0.02)
-
-    thread = threading.Thread(target=produce, daemon=True)
-    thread.start()
-    try:
-        yield created, failures
-    finally:
-        stop.set()
-        thread.join(timeout=20)
 
 
 def stall(ids: list[str], tenant: str, injected_at: datetime) -> dict[str, Any]:

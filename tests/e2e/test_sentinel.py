@@ -15,58 +15,24 @@ everything created had completed.
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
-import httpx
 import pytest
 from django.utils import timezone
 
 from jobs.models import Job, JobStatus
 from tests.e2e.test_resync import Mirror, database_state, tenant_key, worker_running
 from tests.support.redis_server import SentinelSet, sentinel_set
-from tests.support.stack import Stack
+from tests.support.stack import Stack, producing
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 
-SLEEP_20 = {"type": "sleep", "payload": {"delayMs": 20}}
 # Reconciliation every 2 s (its lock makes it at most every 5 s): what Redis lost comes back soon.
 RECONCILE_S = "2"
 SWITCH_TIMEOUT_S = 30
-
-
-@contextmanager
-def producing(stack: Stack, key: str) -> Iterator[tuple[list[str], list[str]]]:
-    """Jobs created one by one in a thread meanwhile: (ids created, failures)."""
-    created: list[str] = []
-    failures: list[str] = []
-    stop = threading.Event()
-
-    def produce() -> None:
-        with httpx.Client(headers={"Authorization": f"Bearer {key}"}, timeout=15) as client:
-            while not stop.is_set():
-                try:
-                    response = client.post(f"{stack.base_url}/jobs", json=SLEEP_20)
-                except httpx.HTTPError as exc:
-                    failures.append(repr(exc))
-                    continue
-                if response.status_code == 201:
-                    created.append(response.json()["id"])
-                else:
-                    failures.append(f"{response.status_code} {response.text[:200]}")
-                time.sleep(0.02)
-
-    thread = threading.Thread(target=produce, daemon=True)
-    thread.start()
-    try:
-        yield created, failures
-    finally:
-        stop.set()
-        thread.join(timeout=20)
 
 
 def failover_while_jobs_flow(
@@ -86,7 +52,7 @@ def failover_while_jobs_flow(
             nonlocal injected_at
             mirror = Mirror(stack.ws_url, key)
             await mirror.connect()
-            with producing(stack, key) as (created, failures):
+            with producing(stack, [key]) as (created, failures):
                 await mirror.read(1.0)
                 old_master = servers.master_port()
                 injected_at = timezone.now()

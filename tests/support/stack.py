@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -216,3 +217,41 @@ def running_stack(*, redis_prefix: str, tmp: Path) -> Iterator[Stack]:
         yield stack
     finally:
         stack.stop()
+
+
+@contextmanager
+def producing(stack: Stack, keys: list[str]) -> Iterator[tuple[list[str], list[str]]]:
+    """20 ms sleep jobs created one by one (every 20 ms), the keys' tenants in turn, in a thread
+    while the caller's block runs: (ids created, failures)."""
+    created: list[str] = []
+    failures: list[str] = []
+    stop = threading.Event()
+
+    def produce() -> None:
+        with httpx.Client(timeout=15) as client:
+            n = 0
+            while not stop.is_set():
+                key = keys[n % len(keys)]
+                n += 1
+                try:
+                    response = client.post(
+                        f"{stack.base_url}/jobs",
+                        json={"type": "sleep", "payload": {"delayMs": 20}},
+                        headers={"Authorization": f"Bearer {key}"},
+                    )
+                except httpx.HTTPError as exc:
+                    failures.append(repr(exc))
+                    continue
+                if response.status_code == 201:
+                    created.append(response.json()["id"])
+                else:
+                    failures.append(f"{response.status_code} {response.text[:200]}")
+                time.sleep(0.02)
+
+    thread = threading.Thread(target=produce, daemon=True)
+    thread.start()
+    try:
+        yield created, failures
+    finally:
+        stop.set()
+        thread.join(timeout=20)
