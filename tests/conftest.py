@@ -9,11 +9,14 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
+from django.db.backends.signals import connection_created
+from django.dispatch import receiver
 
 from jobs.models import Tenant
 from jobs.services import api_key_create
@@ -21,6 +24,19 @@ from tests.support.stack import Stack, running_stack
 from tests.support.users import create_operator
 
 E2E_DIR = Path(__file__).resolve().parent / "e2e"
+
+
+@receiver(connection_created)
+def lose_no_deadlock_to_the_stack(sender: object, connection: Any, **_: object) -> None:
+    """The test process's connections wait 5 s, not PostgreSQL's 1 s, before checking for a
+    deadlock, so the service's processes check first and are the ones aborted. A stack that
+    lives across tests (tests/client/) keeps writing while a test's teardown empties every
+    table; the job triggers make its writes take table locks in another order than the
+    flush's TRUNCATE, and the flush must not be the statement PostgreSQL gives up on (the
+    service retries what failed)."""
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute("SET deadlock_timeout = '5s'")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
