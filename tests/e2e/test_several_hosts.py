@@ -22,6 +22,7 @@ import pytest
 import websockets
 
 from jobs.models import Job, JobStatus, Tenant
+from jobs.queue import sync_queue
 from jobs.services import api_key_create
 from tests.support.stack import Stack, free_port, wait_until
 from tests.support.webhook_server import webhook_server
@@ -79,6 +80,13 @@ def test_two_api_hosts_three_worker_hosts(stack: Stack) -> None:
     workers = [f"worker-{host}" for host in ("app-0", "app-1", "jobs-0")]
     for name, host in zip(workers, ("app-0", "app-1", "jobs-0"), strict=True):
         stack.start_worker("--concurrency", "8", name=name, env=stack.host(host))
+    # Every worker host registered (its first heartbeat) before the jobs come: on a loaded
+    # machine one may take seconds to start, and this test is about three hosts sharing them.
+    wait_until(
+        lambda: {beat.name for beat in sync_queue().worker_beats()} >= set(workers),
+        timeout=30,
+        message="a worker did not register",
+    )
     apis = [f"http://127.0.0.1:{port}" for port in ports]
 
     with webhook_server() as receiver:
